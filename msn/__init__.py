@@ -1,0 +1,6 @@
+"""msn: Make Some Noise training and TR-Jacobi decoding for any Hugging Face causal LM."""
+
+from msn.models import DEFAULT_MODEL, PRESETS, load_model
+
+__all__ = ["DEFAULT_MODEL", "PRESETS", "load_model"]
+__version__ = "0.1.0"

