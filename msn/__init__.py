@@ -4,3 +4,7 @@ from msn.models import DEFAULT_MODEL, PRESETS, load_model
 
 __all__ = ["DEFAULT_MODEL", "PRESETS", "load_model"]
 __version__ = "0.1.0"
+
+from msn.decoding import METHODS, GenerateOutput, TreeTemplate, generate  # noqa: E402
+
+__all__ += ["METHODS", "GenerateOutput", "TreeTemplate", "generate"]

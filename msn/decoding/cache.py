@@ -1,0 +1,83 @@
+"""The KV cache: one place for the differences between transformers versions.
+
+After a tree forward the cache holds the committed prefix followed by every tree token. We keep the root
+and the accepted nodes, moved to be contiguous, and drop the rest: the next step attends to exactly the
+committed sequence, as plain decoding would.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache(model) -> DynamicCache:
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers: no per-layer types from the config
+        cache = DynamicCache()
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()  # sliding layers must not forget entries we may still keep
+    return cache
+
+
+def cache_keyword(model) -> str:
+    """transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _kv_pairs(cache):
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            yield layer
+    else:  # transformers < 4.56: parallel lists
+        for i in range(len(cache.key_cache)):
+            yield _LegacyLayer(cache, i)
+
+
+class _LegacyLayer:
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    @property
+    def keys(self):
+        return self.cache.key_cache[self.i]
+
+    @keys.setter
+    def keys(self, v):
+        self.cache.key_cache[self.i] = v
+
+    @property
+    def values(self):
+        return self.cache.value_cache[self.i]
+
+    @values.setter
+    def values(self, v):
+        self.cache.value_cache[self.i] = v
+
+
+def keep_step_entries(cache, step_len: int, keep: torch.Tensor) -> None:
+    """Of the last ``step_len`` cache entries (this step's tokens), keep those at ``keep`` (sorted,
+    relative to the step start), contiguous, in order; drop the others."""
+    m = keep.numel()
+    contiguous = m == 0 or bool(int(keep[-1]) == m - 1)
+    for layer in _kv_pairs(cache):
+        keys, values = layer.keys, layer.values
+        if keys is None or keys.numel() == 0:
+            continue
+        start = keys.shape[-2] - step_len
+        if not contiguous:
+            sel = keep.to(keys.device) + start
+            keys[:, :, start : start + m] = keys[:, :, sel]
+            values[:, :, start : start + m] = values[:, :, sel]
+        layer.keys, layer.values = keys[:, :, : start + m], values[:, :, : start + m]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length -= step_len - m
+            window = getattr(layer, "sliding_window", None)
+            if window and layer.keys.shape[-2] > window - 1:
+                layer.keys = layer.keys[:, :, -window + 1 :]
+                layer.values = layer.values[:, :, -window + 1 :]
