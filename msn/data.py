@@ -197,7 +197,7 @@ def _function_example(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctio
         return None
     head = lines[node.lineno - 1 : doc.end_lineno]
     body = lines[doc.end_lineno : node.end_lineno]
-    if not 1 <= len(body) <= 60:
+    if not 3 <= sum(1 for s in body if s.strip()) <= 60:  # one-liners teach little and leave no room for noise
         return None
     indent = head[0][: len(head[0]) - len(head[0].lstrip())]
 

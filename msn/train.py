@@ -1,0 +1,374 @@
+"""``msn train``: ordinary SFT on HF ``Trainer`` with MSN noise in the data collator.
+
+Everything distributed (DDP through ``torchrun`` / ``accelerate launch``, FSDP / DeepSpeed via their
+configs), checkpointing and resuming is Trainer's own; this module only wires the data, the collator, the
+denoising-accuracy callback and an output folder that is never left half-written:
+
+- bad input is detected before anything is written;
+- a folder holding another run is refused unless ``--resume`` or ``--overwrite``;
+- ``--resume`` restarts from the last *complete* checkpoint (Trainer writes ``trainer_state.json`` last);
+- the final model goes to a temporary folder first; its files are moved in with ``os.replace`` and
+  ``msn.json`` last, so ``msn.json`` present means the final model is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msn.data import MSNCollator, split_dataset
+from msn.errors import InputError
+from msn.models import DEFAULT_MODEL, load_model, resolve_model
+from msn.noise import NoiseConfig
+
+RUN_FILE = "msn-run.json"  # written when a run starts: marks the folder as ours
+FINAL_FILE = "msn.json"  # written last: marks the final model as complete
+TMP_FINAL = ".msn-final-tmp"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``msn train`` needs; the CLI flags map one to one onto these fields."""
+
+    model: str = DEFAULT_MODEL
+    data: str = "stdlib-code"
+    output: str = "runs/msn"
+    noise: str = "ahead"
+    noise_length: int = 4
+    noise_segments: int = 1
+    noise_prob: float = 1.0
+    lora: bool = False
+    lora_r: int = 16
+    max_steps: int = -1
+    epochs: float = 1.0
+    bf16: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    eval_steps: int = 50
+    save_steps: int = 100
+    save_total_limit: int = 3
+    logging_steps: int = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    max_length: int = 512
+    max_samples: int | None = None
+    eval_samples: int = 64
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments (advanced / tests)
+
+    def noise_config(self) -> NoiseConfig:
+        return NoiseConfig(self.noise, self.noise_length, self.noise_segments, self.noise_prob)
+
+
+# ---------------------------------------------------------------------------------------------- output dir
+
+
+def last_checkpoint(output: str | os.PathLike) -> Path | None:
+    """The highest-numbered checkpoint that was written completely (has ``trainer_state.json``)."""
+    p = Path(output)
+    if not p.is_dir():
+        return None
+    done = [
+        (int(m.group(1)), d)
+        for d in p.iterdir()
+        if (m := _CKPT.match(d.name)) and d.is_dir() and (d / "trainer_state.json").is_file()
+    ]
+    return max(done)[1] if done else None
+
+
+def check_output_dir(output: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds another run (or anything else) unless told to resume or overwrite it."""
+    p = Path(output)
+    if p.exists() and not p.is_dir():
+        raise InputError("output path exists and is not a folder", where=str(p), field="output")
+    if not p.is_dir() or not any(p.iterdir()):
+        return
+    is_run = (p / RUN_FILE).is_file() or (p / FINAL_FILE).is_file() or any(_CKPT.match(d.name) for d in p.iterdir())
+    if not is_run:
+        raise InputError("output folder is not empty and holds no msn run; choose an empty or new folder", str(p), "output")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other", str(p), "output")
+    if not (resume or overwrite):
+        raise InputError("output folder holds another run; pass --resume to continue it or --overwrite to replace it", str(p), "output")
+
+
+def clear_run(output: Path) -> None:
+    """Delete a previous run's files (only the ones a run writes) for ``--overwrite``."""
+    for d in output.iterdir():
+        if d.is_dir() and (_CKPT.match(d.name) or d.name == TMP_FINAL):
+            shutil.rmtree(d)
+        elif d.is_file():
+            d.unlink()
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    import msn
+
+    return {
+        "msn": msn.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def publish_final(tmp: Path, output: Path, meta: dict[str, Any]) -> None:
+    """Move the finished model from ``tmp`` into ``output`` file by file, writing ``msn.json`` last."""
+    stale = output / FINAL_FILE
+    if stale.exists():
+        stale.unlink()  # the old marker must not vouch for a half-replaced model
+    (tmp / FINAL_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    for f in sorted(tmp.iterdir()):
+        if f.name != FINAL_FILE:
+            os.replace(f, output / f.name)
+    os.replace(tmp / FINAL_FILE, output / FINAL_FILE)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _print(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        from rich.console import Console
+
+        Console(stderr=True).print(msg)
+
+
+def _wrap_lora(model, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def _denoise_callback(samples, noise_length: int, seed: int, batch_size: int):
+    """A Trainer callback adding denoising accuracy to every evaluation (see ``msn.eval.denoise``)."""
+    from transformers import TrainerCallback
+
+    from msn.eval.denoise import denoise_accuracy
+
+    class DenoiseCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            res = denoise_accuracy(model, samples, noise_length, seed, batch_size)
+            extra = {f"eval_denoise_{k}": v for k, v in res.items() if k.startswith("acc")}
+            if metrics is not None:
+                metrics.update(extra)
+            state.log_history.append({**extra, "step": state.global_step})
+            if state.is_world_process_zero:
+                accs = " ".join(f"{res[f'acc_{k}']:.3f}" for k in range(noise_length))
+                loss = (metrics or {}).get("eval_loss", float("nan"))
+                _print(f"step {state.global_step}: held-out loss {loss:.4f} | denoise acc k=0..{noise_length - 1}: {accs} (mean {res['acc']:.3f})")
+
+    return DenoiseCallback()
+
+
+def _load_tokenizer(model_path: str):
+    """The tokenizer alone, so data errors surface before the (slower) model load."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run; return the metadata written to ``msn.json``."""
+    from transformers import Trainer, TrainingArguments
+
+    noise = cfg.noise_config()  # validates noise flags before anything heavy
+    output = Path(cfg.output)
+    check_output_dir(output, cfg.resume, cfg.overwrite)
+    model_path = resolve_model(cfg.model)
+    try:
+        tokenizer = _load_tokenizer(model_path)
+        limit = cfg.max_samples
+        if limit is None and cfg.max_steps > 0:  # stream only what the steps will consume
+            limit = cfg.max_steps * cfg.batch_size * cfg.grad_accum * _world_size()
+        train_set, held = split_dataset(cfg.data, tokenizer, cfg.max_length, limit, cfg.eval_samples)
+        model, _ = load_model(model_path, dtype="fp32", device="cpu")
+    except OSError as e:  # e.g. a folder without weights or tokenizer
+        raise InputError(str(e).splitlines()[0], where=cfg.model, field="model") from None
+    evaluate = cfg.eval_steps > 0 and held is not None
+    if cfg.lora:
+        model = _wrap_lora(model, cfg.lora_r)
+
+    # All input is valid: from here on we write.
+    resume_from = last_checkpoint(output) if cfg.resume else None
+    args = TrainingArguments(
+        output_dir=str(output),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        bf16=cfg.bf16,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,  # the collator reads the noise masks
+        dataloader_num_workers=0,
+        # Without an accelerator, accelerate treats torchrun processes as distributed (gloo) only with use_cpu.
+        use_cpu=not _has_accelerator(),
+        **cfg.extra,
+    )
+    with args.main_process_first(desc="prepare output folder"):
+        if args.process_index == 0:
+            output.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite:
+                clear_run(output)
+            shutil.rmtree(output / TMP_FINAL, ignore_errors=True)
+            run_meta = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "model_path": model_path}
+            (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2, default=str) + "\n")
+    if cfg.resume:
+        _print(f"resuming from {resume_from}" if resume_from else "no complete checkpoint found: starting from scratch")
+
+    all_callbacks = list(callbacks or [])
+    if evaluate:
+        all_callbacks.append(_denoise_callback(held.samples, cfg.noise_length, cfg.seed, cfg.batch_size))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=held.clean() if evaluate else None,
+        data_collator=MSNCollator(tokenizer, noise, seed=cfg.seed),
+        processing_class=tokenizer,
+        callbacks=all_callbacks,
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics: dict[str, Any] = {"train_loss": result.training_loss}
+    if evaluate and trainer.state.global_step % cfg.eval_steps != 0:
+        metrics.update(trainer.evaluate())
+    elif evaluate:
+        metrics.update(_last_eval(trainer.state.log_history))
+
+    tmp = output / TMP_FINAL
+    trainer.save_model(str(tmp))  # every rank calls it (FSDP / DeepSpeed gather); only the main one writes
+    meta = {
+        "model": cfg.model,
+        "model_path": model_path,
+        "lora": cfg.lora,
+        "data": {
+            "spec": cfg.data,
+            "train_samples": len(train_set),
+            "heldout_samples": len(held) if held is not None else 0,
+            "max_length": cfg.max_length,
+            "dropped": train_set.dropped,
+        },
+        "noise": noise.to_dict(),
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "world_size": args.world_size,
+        "lr": cfg.lr,
+        "bf16": cfg.bf16,
+        "metrics": metrics,
+        "versions": _versions(),
+    }
+    if trainer.is_world_process_zero():
+        publish_final(tmp, output, meta)
+        _print(f"[green]saved[/green] {'LoRA adapter' if cfg.lora else 'model'} to {output} (steps {meta['steps']})")
+    args.distributed_state.wait_for_everyone()
+    return meta
+
+
+def _last_eval(history: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for entry in history:
+        if any(k.startswith("eval_") for k in entry):
+            merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help=f"preset, local folder or hub id (default {d.model})")
+    p.add_argument("--data", default=d.data, help="JSONL file, or a built-in dataset: sharegpt, stdlib-code")
+    p.add_argument("--output", required=True, help="run folder: checkpoints, final model, msn.json")
+    p.add_argument("--noise", default=d.noise, help="ahead (default) | uniform | none (plain SFT, the control)")
+    p.add_argument("--noise-length", type=int, default=d.noise_length, help="positions per noise segment (default 4)")
+    p.add_argument("--noise-segments", type=int, default=d.noise_segments, help="segments per sample (default 1)")
+    p.add_argument("--noise-prob", type=float, default=d.noise_prob, help="chance a sample is noised (default 1)")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (all linear layers) instead of all weights")
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast; also on CPU)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --output and start again")
+    p.add_argument("--eval-steps", type=int, default=d.eval_steps, help="evaluate every N steps and at the end; 0: never")
+    p.add_argument("--save-steps", type=int, default=d.save_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per device")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sample (longer ones are cut)")
+    p.add_argument("--max-samples", type=int, default=None, help="training samples to read (default: all, or what --max-steps uses)")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out samples per evaluation")
+    p.add_argument("--logging-steps", type=int, default=d.logging_steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = set(TrainConfig.__dataclass_fields__) - {"extra"}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    for name in ("max_length", "batch_size", "grad_accum", "save_steps", "eval_samples"):
+        if getattr(cfg, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}", field=name)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from msn.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
