@@ -1,0 +1,115 @@
+"""``msn eval``: one command for the quality side -- denoising accuracy, held-out loss, HumanEval pass@1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from msn.errors import InputError, MsnError
+from msn.models import DEFAULT_MODEL
+
+TASKS = ("denoise", "heldout-loss", "humaneval")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, local folder (a run's --output) or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--task", required=True, help="denoise | heldout-loss | humaneval")
+    p.add_argument("--data", default="stdlib-code", help="denoise / heldout-loss: built-in name (its held-out split) or a JSONL file (all of it)")
+    p.add_argument("--method", default="ar", help="humaneval: decoding method (ar, jacobi, retrieval, tr-jacobi)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N samples / problems")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--noise-length", type=int, default=4, help="denoise: noise segment length L (default 4)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sample (longer ones are cut)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="humaneval: generation budget per problem")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="denoise: seed of the (fixed) evaluation noise")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+
+
+def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
+    """Run one task on a loaded model; returns a flat dict of results."""
+    if args.task == "humaneval":
+        try:
+            from msn.eval.humaneval import evaluate_humaneval
+        except ImportError as e:
+            raise MsnError(f"humaneval evaluation is not available yet ({e})") from None
+        return dict(
+            evaluate_humaneval(
+                model, tokenizer, method=args.method, limit=args.limit, max_new_tokens=args.max_new_tokens
+            )
+        )
+    from msn.data import BUILTIN_DATASETS, build_dataset
+
+    split = "heldout" if args.data in BUILTIN_DATASETS else "all"
+    ds = build_dataset(args.data, tokenizer, split, args.max_length, args.limit)
+    if args.task == "denoise":
+        from msn.eval.denoise import denoise_accuracy
+
+        res = denoise_accuracy(model, ds.samples, args.noise_length, args.seed, args.batch_size)
+        res["noise_length"] = args.noise_length
+    else:
+        from msn.eval.loss import heldout_loss
+
+        res = heldout_loss(model, ds.samples, args.batch_size)
+    return {"samples": len(ds), "split": split, **res}
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically: a reader never sees half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, p)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"msn eval: {results.get('task')} ({results.get('model')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        if isinstance(v, dict | list):
+            v = json.dumps(v, default=str)
+            if len(v) > 80:
+                v = v[:77] + "..."
+        elif isinstance(v, float):
+            v = f"{v:.4f}"
+        table.add_row(str(k), str(v))
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task not in TASKS:
+        raise InputError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}", field="task")
+    for name in ("noise_length", "max_length", "batch_size", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}", field=name)
+    if args.limit is not None and args.limit <= 0:
+        raise InputError(f"--limit must be positive, got {args.limit}", field="limit")
+    from msn.models import load_model
+
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+    except MsnError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(str(e).splitlines()[0], where=args.model, field="model") from None
+    results = {"task": args.task, "model": args.model}
+    if args.task != "humaneval":
+        results["data"] = args.data
+    else:
+        results["method"] = args.method
+    results.update(evaluate(args, model, tokenizer))
+    print_table(results)
+    if args.out:
+        write_json(args.out, results)
+    return 0

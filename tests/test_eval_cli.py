@@ -1,0 +1,140 @@
+"""`msn eval`: denoising accuracy means what it says, held-out loss, the CLI, JSON output, humaneval hand-off."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from msn.cli import main
+from msn.data import IGNORE
+from msn.eval.denoise import denoise_accuracy
+from msn.eval.loss import heldout_loss
+
+V = 64
+
+
+class _Logits(torch.nn.Module):
+    """A fake LM: ``logits_for(ids)`` returns the index to put the argmax on, per position."""
+
+    def __init__(self, logits_for):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.logits_for = logits_for
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(self.logits_for(input_ids) % V, V).float() * 30)
+
+
+def counting_samples(n=6, length=30):
+    """ids[p] = p: the clean next token of position p is p + 1."""
+    out = []
+    for i in range(n):
+        ids = torch.arange(length - i)
+        labels = ids.clone()
+        labels[:8] = IGNORE
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_denoise_accuracy_is_one_for_a_perfect_denoiser_and_zero_for_a_copycat():
+    samples = counting_samples()
+    oracle = _Logits(lambda ids: torch.arange(ids.shape[1]).expand_as(ids) + 1)  # knows position -> clean next
+    copycat = _Logits(lambda ids: ids + 1)  # trusts its (noised) input
+    good = denoise_accuracy(oracle, samples, noise_length=4)
+    bad = denoise_accuracy(copycat, samples, noise_length=4)
+    assert [good[f"acc_{k}"] for k in range(4)] == [1.0] * 4 and good["acc"] == 1.0
+    # Ahead noise at p copies an id j < p, so a model that trusts its input predicts j + 1 <= p, never p + 1.
+    assert bad["acc"] == 0.0
+    assert all(good[f"n_{k}"] == len(samples) for k in range(4))
+    assert denoise_accuracy(oracle, samples, 4, seed=0) == good  # fixed evaluation noise
+
+
+def test_heldout_loss_counts_only_label_positions():
+    samples = counting_samples(2, 20)
+    perfect = heldout_loss(_Logits(lambda ids: ids + 1), samples)
+    assert perfect["next_token_acc"] == 1.0 and perfect["loss"] < 1e-3
+    assert perfect["tokens"] == (20 - 8) + (19 - 8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 1-layer random Llama with SmolLM2's tokenizer (the `msn eval --model` folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from msn.errors import MsnError
+    from msn.models import preset_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
+    except MsnError as e:  # pragma: no cover
+        pytest.skip(str(e))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("evalmodel") / "m"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("evaldata") / "d.jsonl"
+    rows = [{"prompt": f"List after {i}", "response": " ".join(str(i + j) for j in range(12))} for i in range(5)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.mark.parametrize("task, key", [("denoise", "acc_3"), ("heldout-loss", "loss")])
+def test_eval_cli_prints_a_table_and_writes_json(task, key, model_dir, data, tmp_path, capsys):
+    out = tmp_path / "sub" / "r.json"
+    rc = main(["eval", "--model", str(model_dir), "--task", task, "--data", str(data), "--limit", "3", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert task in printed and key in printed
+    res = json.loads(out.read_text())
+    assert res["task"] == task and res["samples"] == 3 and key in res
+    assert not [p for p in out.parent.iterdir() if p.name != "r.json"], "temp file left behind"
+
+
+def test_eval_cli_errors_are_one_line(model_dir, data, tmp_path, capsys):
+    cases = [
+        (["--task", "bleu"], "unknown task 'bleu'"),
+        (["--task", "denoise", "--noise-length", "0"], "--noise-length must be positive"),
+        (["--task", "denoise", "--data", str(tmp_path / "none.jsonl")], "data file not found"),
+    ]
+    for extra, msg in cases:
+        rc = main(["eval", "--model", str(model_dir), *extra])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert rc == 2 and err.startswith("msn eval: error:") and msg in err, err
+
+
+def test_humaneval_hands_off_or_says_it_is_missing(model_dir, tmp_path, capsys, monkeypatch):
+    import msn.eval as pkg
+
+    calls = {}
+
+    def fake(model, tokenizer, *, method, limit, max_new_tokens):
+        calls.update(method=method, limit=limit, max_new_tokens=max_new_tokens)
+        return {"pass@1": 0.5, "problems": 2}
+
+    fake_mod = type(sys)("msn.eval.humaneval")
+    fake_mod.evaluate_humaneval = fake
+    monkeypatch.setitem(sys.modules, "msn.eval.humaneval", fake_mod)
+    monkeypatch.setattr(pkg, "humaneval", fake_mod, raising=False)
+    out = tmp_path / "h.json"
+    argv = ["eval", "--model", str(model_dir), "--task", "humaneval", "--method", "tr-jacobi", "--limit", "2"]
+    assert main([*argv, "--max-new-tokens", "64", "--out", str(out)]) == 0
+    assert calls == {"method": "tr-jacobi", "limit": 2, "max_new_tokens": 64}
+    assert json.loads(out.read_text())["pass@1"] == 0.5
+    monkeypatch.setitem(sys.modules, "msn.eval.humaneval", None)  # import fails
+    monkeypatch.delattr(pkg, "humaneval", raising=False)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "humaneval evaluation is not available yet" in capsys.readouterr().err
