@@ -84,9 +84,9 @@ def test_infinite_loop_times_out_and_is_gone():
     _assert_no_leftovers()
 
 
-@needs_proc_limit
 def test_escaped_background_child_is_killed():
-    """A child that leaves the process group (setsid) and loops is still killed (PID namespace / cgroup)."""
+    """A child that leaves the process group (setsid) and loops is still killed (PID namespace, cgroup,
+    or at least the scan for processes left in the working directory)."""
     code = "import os\nif os.fork() == 0:\n    os.setsid()\n    while True:\n        pass\nprint('parent done')\n"
     r = run_python(code, timeout=2.0, guard=False)
     assert r.status == "passed" and "parent done" in r.stdout
@@ -113,7 +113,9 @@ def test_fork_bomb_is_contained(guard: bool):
     if guard:
         assert forks == 0  # os.fork raises in the guard
     else:
-        assert 0 < forks < 16  # real forks happened and hit the kernel limit
+        assert forks < 16  # real forks hit the kernel limit
+        if ISO.uid is not None or ISO.cgroup is not None:
+            assert forks > 0  # a fresh uid / cgroup starts empty, so some forks did happen
     _assert_no_leftovers()
     assert run_python("print('fine')").stdout.strip() == "fine"  # the machine still runs processes
 
@@ -189,3 +191,16 @@ def test_isolation_layers_probed():
     assert ISO.pid_namespace and ISO.uid == 65534
     r = run_python("import os\nprint(os.getuid(), os.getpid())\n")
     assert r.stdout.split() == ["65534", "1"]  # unprivileged, and init of its own PID namespace
+
+
+def test_fallback_without_os_layers(monkeypatch):
+    """Where no namespace or cgroup works, timeouts, limits and cleanup still hold."""
+    from msn.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.Isolation())
+    assert run_python("print(6 * 7)").stdout.strip() == "42"
+    assert run_python("while True:\n    pass\n", timeout=1.0).status == "timeout"
+    assert run_python("x = bytearray(2 * 1024 ** 3)\n", memory_mb=256).status == "killed"
+    escaped = "import os\nif os.fork() == 0:\n    os.setsid()\n    while True:\n        pass\n"
+    assert run_python(escaped, timeout=2.0, guard=False).status == "passed"
+    _assert_no_leftovers()

@@ -392,6 +392,8 @@ def run_python(
             proc.wait()
         if cgroup is not None:
             cgroup.remove()
+        if not iso.pid_namespace and cgroup is None:
+            _kill_by_cwd(workdir)  # last resort for children that left the process group
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -401,3 +403,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill_by_cwd(workdir: str) -> None:
+    """SIGKILL every process whose working directory is inside ``workdir`` (fallback cleanup)."""
+    real = os.path.realpath(workdir)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+            if cwd == real or cwd.startswith(real + os.sep):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            continue
