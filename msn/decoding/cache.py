@@ -32,8 +32,7 @@ def cache_keyword(model) -> str:
 
 def _kv_pairs(cache):
     if hasattr(cache, "layers"):
-        for layer in cache.layers:
-            yield layer
+        yield from cache.layers
     else:  # transformers < 4.56: parallel lists
         for i in range(len(cache.key_cache)):
             yield _LegacyLayer(cache, i)
