@@ -277,3 +277,9 @@ def test_two_process_ddp_run_with_torchrun(tmp_path, tiny_dir, data_file):
     assert meta["world_size"] == 2 and meta["steps"] == 2
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "model.safetensors").is_file()
+
+
+def test_bf16_mixed_precision_run(tmp_path, tiny_dir, data_file):
+    meta = train(fast(tiny_dir, data_file, tmp_path / "bf16", bf16=True, max_steps=1, noise="uniform"))
+    assert meta["bf16"] is True and meta["steps"] == 1 and meta["noise"]["type"] == "uniform"
+    assert torch.isfinite(torch.tensor(meta["metrics"]["train_loss"]))
