@@ -36,6 +36,13 @@ def test_canonical_solution_passes(problems, index):
     assert r.passed and r.status == "passed", r.stderr
 
 
+@pytest.mark.slow
+def test_all_canonical_solutions_pass_under_the_guard(problems):
+    """The guard must not break legitimate code: all 164 reference solutions pass (about 10-30 s)."""
+    failed = [p["task_id"] for p in problems if not check_completion(p, p["canonical_solution"]).passed]
+    assert failed == []
+
+
 def test_wrong_body_fails(problems):
     r = check_completion(problems[0], "    return not True\n", timeout=10)
     assert not r.passed and r.status == "failed"

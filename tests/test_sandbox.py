@@ -76,6 +76,19 @@ def test_workdir_is_usable_and_thrown_away():
     assert not workdir.exists()
 
 
+def test_guard_allows_ordinary_file_use():
+    code = (
+        "import tempfile, os\n"
+        "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n"
+        "    f.write('x')\n"
+        "assert f.name.startswith(os.getcwd())\n"
+        "open(os.devnull, 'w').write('discarded')\n"
+        "print(open('/etc/hostname').read() != '')\n"
+    )
+    r = run_python(code)
+    assert r.passed, r.stderr
+
+
 def test_infinite_loop_times_out_and_is_gone():
     t = time.monotonic()
     r = run_python("while True:\n    pass\n", timeout=1.0)

@@ -164,7 +164,7 @@ def _inside(path):
     if isinstance(path, int):
         return True  # an already-open descriptor: opening it was checked
     real = _os.path.realpath(_os.path.join(_ROOT, _os.fsdecode(path)))
-    return real == _ROOT or real.startswith(_ROOT + _os.sep)
+    return real == _ROOT or real.startswith(_ROOT + _os.sep) or real == "/dev/null"
 
 def _deny(name):
     def denied(*args, **kwargs):
@@ -239,8 +239,8 @@ except MemoryError:
 
 
 def _child_env(workdir: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-            "PYTHONDONTWRITEBYTECODE": "1"}
+    return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+            "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 class _Cgroup:
@@ -352,7 +352,7 @@ def run_python(
     proc: subprocess.Popen | None = None
     timed_out = False
     try:
-        Path(workdir, "solution.py").write_text(code, encoding="utf-8")
+        Path(workdir, "solution.py").write_text(code, encoding="utf-8", errors="replace")
         runner = RUNNER.format(guard=GUARD if guard else "", memory_exit=MEMORY_EXIT)
         Path(workdir, "_runner.py").write_text(runner, encoding="utf-8")
         os.chmod(workdir, 0o700)
