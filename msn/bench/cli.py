@@ -1,0 +1,84 @@
+"""``msn bench``: Spec-Bench compatible speed benchmark, every method side by side in one run.
+
+All inputs are checked before the model loads, so a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from msn.bench import questions as qs
+from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, parse_methods
+from msn.bench.session import BenchConfig, command_line, run_bench
+from msn.bench.summary import category_table, overall_table
+from msn.errors import InputError
+
+DEFAULT_QUESTIONS = os.environ.get("MSN_SPEC_BENCH", "data/spec_bench/question.jsonl")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="preset, local folder or hub id (default: smollm2-135m)")
+    p.add_argument("--questions", default=DEFAULT_QUESTIONS,
+                   help=f"Spec-Bench question.jsonl (default: $MSN_SPEC_BENCH or {DEFAULT_QUESTIONS}); "
+                        f"get it from {qs.SPEC_BENCH_URL}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, run interleaved; choose from {', '.join(BENCH_METHODS)} "
+                        f"(default: {','.join(DEFAULT_METHODS)}); speedups are relative to ar")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default: 128)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--limit", type=int, default=None, help="first K questions (after --categories)")
+    group.add_argument("--per-category", type=int, default=None, help="first K questions of each category")
+    p.add_argument("--categories", default=None, help="comma-separated categories to keep (default: all)")
+    p.add_argument("--tree", default=None, help="tree preset name or JSON file (e.g. from msn tune-tree)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions (default: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
+    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+
+
+def validate(args: argparse.Namespace) -> tuple[list[qs.Question], list[str]]:
+    """Every user error, before any model is loaded."""
+    methods = parse_methods(args.methods)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {args.warmup}")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.per_category is not None and args.per_category < 1:
+        raise InputError(f"--per-category must be >= 1, got {args.per_category}")
+    questions = qs.select(qs.load_questions(args.questions), categories, args.limit, args.per_category)
+    return questions, methods
+
+
+def print_report(summary: dict, out: Path, file=None) -> None:
+    file = file or sys.stdout
+    print(f"\n{summary.get('model')} ({summary.get('dtype')}, {summary.get('device')}), "
+          f"{summary['questions']} questions, status: {summary.get('status')}\n", file=file)
+    print(overall_table(summary), file=file)
+    print("\nper category: speedup vs ar (tokens/s, MAT)\n", file=file)
+    print(category_table(summary), file=file)
+    print(f"\nreport: {out / 'summary.md'}  (summary.json, speedup.png, answers/*.jsonl)", file=file)
+
+
+def run(args: argparse.Namespace) -> int:
+    questions, methods = validate(args)
+    cfg = BenchConfig(
+        model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
+        device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=args.warmup,
+        command=command_line(), threads=args.threads,
+    )
+    result = run_bench(cfg)
+    print_report(result.summary, result.out)
+    if result.interrupted:
+        print(f"msn bench: interrupted; finished questions are in {result.out}", file=sys.stderr)
+        return 130
+    return 0

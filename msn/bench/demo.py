@@ -1,0 +1,57 @@
+"""``msn demo``: the README's first command. A small offline benchmark on prompts we wrote ourselves.
+
+Twelve prompts in Spec-Bench's format cover its kinds (conversation, translation, summarization, QA, math,
+retrieval-augmented answers) plus code; every method runs side by side on the default model, so the
+first thing a user sees is a measured speed-up on their own machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from msn.bench import questions as qs
+from msn.bench.cli import print_report
+from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, parse_methods
+from msn.bench.session import BenchConfig, command_line, run_bench
+from msn.errors import InputError
+from msn.models import DEFAULT_MODEL
+
+PROMPTS = Path(__file__).with_name("prompts.jsonl")
+
+
+def demo_questions(limit: int | None = None) -> list[qs.Question]:
+    return qs.select(qs.load_questions(PROMPTS), limit=limit)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, folder or checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated from {', '.join(BENCH_METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default: 96)")
+    p.add_argument("--limit", type=int, default=None, help="only the first K of the 12 prompts")
+    p.add_argument("--tree", default=None, help="tree preset name or JSON file (e.g. from msn tune-tree)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo)")
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    questions = demo_questions(args.limit)
+    print(f"msn demo: {len(questions)} prompts x {len(methods)} methods ({', '.join(methods)}) on {args.model}, "
+          f"{args.dtype}, up to {args.max_new_tokens} new tokens each", file=sys.stderr)
+    cfg = BenchConfig(
+        model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
+        device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=1,
+        command=command_line(), threads=args.threads,
+    )
+    result = run_bench(cfg)
+    print_report(result.summary, result.out)
+    return 130 if result.interrupted else 0

@@ -1,0 +1,165 @@
+"""Run questions through decoding methods, interleaved per question, and record Spec-Bench answers.
+
+Methods run A B C D on question 1, then A B C D on question 2, ... after an untimed warm-up, so slow drift
+of the machine (thermal, other load) hits every method alike. Each method holds its own conversation: a
+two-turn question's second prompt contains that method's own first answer, as in Spec-Bench.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from msn.bench.questions import Question
+from msn.decoding import METHODS as ENGINE_METHODS
+from msn.decoding import generate
+from msn.decoding.tree import TreeTemplate
+from msn.errors import InputError
+
+BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"])
+DEFAULT_METHODS = ("ar", "pld", "jacobi", "tr-jacobi")
+BASELINE = "ar"
+PLD_SETTINGS = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3}
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    """``"ar,pld"`` -> ``["ar", "pld"]``; unknown or repeated names are an error."""
+    names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [m for m in names if m]
+    if not names:
+        raise InputError("no methods given")
+    unknown = [m for m in names if m not in BENCH_METHODS]
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCH_METHODS)}")
+    if len(set(names)) != len(names):
+        raise InputError(f"method listed twice in {','.join(names)}")
+    return names
+
+
+@dataclass
+class TurnResult:
+    text: str
+    new_tokens: int
+    wall_time: float
+    steps: int | None  # forward passes; for pld counted with a forward hook
+    accept_lengths: list[int] | None  # per step, bonus included; None where the decoder does not expose it
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> torch.Tensor:
+    """Prompt ids [1, L] with the model's own chat template (plain "User:/Assistant:" text without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
+class _ForwardCounter:
+    """Counts model forward calls: transformers' prompt lookup verifies once per forward."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def close(self):
+        self._handle.remove()
+
+
+def run_turn(
+    model, tokenizer, method: str, input_ids: torch.Tensor, max_new_tokens: int,
+    tree: TreeTemplate | str | None, eos: list[int],
+) -> TurnResult:
+    """One greedy generation, timed with perf_counter around the whole call (prefill included)."""
+    input_ids = input_ids.to(model.device)
+    if method == "pld":
+        counter = _ForwardCounter(model)
+        try:
+            pad = model.generation_config.pad_token_id
+            start = time.perf_counter()
+            seq = model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                pad_token_id=pad if pad is not None else (eos[0] if eos else None), **PLD_SETTINGS,
+            )
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            wall = time.perf_counter() - start
+        finally:
+            counter.close()
+        new = seq[0, input_ids.shape[1]:]
+        return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, counter.calls, None)
+    out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos)
+    new = out.sequences[0, input_ids.shape[1]:]
+    return TurnResult(_decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths))
+
+
+def _decode(tokenizer, ids: torch.Tensor) -> str:
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+
+
+def answer_question(
+    model, tokenizer, question: Question, method: str, max_new_tokens: int,
+    tree: TreeTemplate | str | None, eos: list[int], model_id: str,
+) -> dict:
+    """All turns of one question with one method, as a Spec-Bench answer record."""
+    messages: list[dict[str, str]] = []
+    turns: list[TurnResult] = []
+    for turn in question.turns:
+        messages.append({"role": "user", "content": turn})
+        result = run_turn(model, tokenizer, method, encode_chat(tokenizer, messages), max_new_tokens, tree, eos)
+        messages.append({"role": "assistant", "content": result.text})
+        turns.append(result)
+    accept = None if any(t.accept_lengths is None for t in turns) else [a for t in turns for a in t.accept_lengths]
+    return {
+        "question_id": question.question_id,
+        "category": question.category,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "method": method,
+        "choices": [
+            {
+                "index": 0,
+                "turns": [t.text for t in turns],
+                "new_tokens": [t.new_tokens for t in turns],
+                "wall_time": [t.wall_time for t in turns],
+                "decoding_steps": [t.steps for t in turns],
+                "accept_lengths": accept,
+            }
+        ],
+        "tstamp": time.time(),
+    }
+
+
+def run_questions(
+    model, tokenizer, questions: Sequence[Question], methods: Sequence[str], max_new_tokens: int,
+    on_question: Callable[[Question, dict[str, dict]], None],
+    tree: TreeTemplate | str | None = None, model_id: str = "model", warmup: int = 1,
+) -> None:
+    """Warm up, then answer every question with every method in turn. ``on_question`` receives one
+    question's records (method -> record) only once all methods have finished it, so an interruption
+    never leaves a question measured for some methods and not others."""
+    eos = eos_ids(model, tokenizer)
+    for q in list(questions)[:warmup]:
+        short = Question(q.question_id, q.category, q.turns[:1])
+        for m in methods:
+            answer_question(model, tokenizer, short, m, min(16, max_new_tokens), tree, eos, model_id)
+    for q in questions:
+        records = {m: answer_question(model, tokenizer, q, m, max_new_tokens, tree, eos, model_id) for m in methods}
+        on_question(q, records)

@@ -1,0 +1,176 @@
+"""Summary math over answer files, with Spec-Bench's conventions.
+
+Per answer, speed = sum of new tokens / sum of wall time over its turns; a method's tokens/s is the mean of
+its answers' speeds (Spec-Bench's ``speed.py``), speedup = that mean / the baseline's over the same
+questions, MAT = mean accepted tokens per decoding step (bonus included; pooled over all steps), and
+identical_rate = share of questions whose every turn's text equals the baseline's. Only questions that
+every method finished count, so an interrupted run still compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from msn.errors import InputError
+
+BASELINE = "ar"
+METRICS = ("tokens_per_s", "speedup", "mat", "identical_rate")
+
+
+def answers_path(out_dir: str | os.PathLike, method: str) -> Path:
+    return Path(out_dir) / "answers" / f"{method}.jsonl"
+
+
+def read_answers(path: str | os.PathLike) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"malformed JSON: {e.msg}", where=f"{path}:{lineno}") from None
+    return records
+
+
+def _choice(rec: dict) -> dict:
+    return rec["choices"][0]
+
+
+def answer_speed(rec: dict) -> float:
+    c = _choice(rec)
+    wall = sum(c["wall_time"])
+    return sum(c["new_tokens"]) / wall if wall > 0 else 0.0
+
+
+def _mat(recs: Sequence[dict]) -> float | None:
+    """Pooled mean accepted length; from steps when per-step lengths are not recorded (pld)."""
+    lengths: list[int] = []
+    tokens = steps = 0
+    have_lengths = have_steps = True
+    for r in recs:
+        c = _choice(r)
+        if c.get("accept_lengths") is None:
+            have_lengths = False
+        else:
+            lengths.extend(c["accept_lengths"])
+        s = c.get("decoding_steps")
+        if s is None or any(x is None for x in s):
+            have_steps = False
+        else:
+            steps += sum(s)
+            tokens += sum(c["new_tokens"])
+    if have_lengths and lengths:
+        return sum(lengths) / len(lengths)
+    if have_steps and steps:
+        return tokens / steps
+    return None
+
+
+def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
+    speeds = [answer_speed(r) for r in recs]
+    tps = sum(speeds) / len(speeds)
+    out: dict = {
+        "tokens_per_s": tps,
+        "speedup": None,
+        "mat": _mat(recs),
+        "identical_rate": None,
+        "answers": len(recs),
+        "new_tokens": sum(sum(_choice(r)["new_tokens"]) for r in recs),
+        "wall_time": sum(sum(_choice(r)["wall_time"]) for r in recs),
+    }
+    if base is not None:
+        base_speeds = [answer_speed(r) for r in base]
+        base_tps = sum(base_speeds) / len(base_speeds)
+        out["speedup"] = tps / base_tps if base_tps > 0 else None
+        same = sum(_choice(r)["turns"] == _choice(b)["turns"] for r, b in zip(recs, base, strict=True))
+        out["identical_rate"] = same / len(recs)
+    return out
+
+
+def summarize(answers: Mapping[str, Sequence[dict]], baseline: str = BASELINE, meta: Mapping | None = None) -> dict:
+    """``{"methods": {m: {"overall": {...}, "categories": {c: {...}}}}, "questions": n, ...meta}``."""
+    if not answers:
+        raise InputError("no answers to summarize")
+    by_method = {m: {r["question_id"]: r for r in recs} for m, recs in answers.items()}
+    first = next(iter(answers.values()))
+    common = [r["question_id"] for r in first if all(r["question_id"] in d for d in by_method.values())]
+    categories = list(dict.fromkeys(by_method[next(iter(answers))][q]["category"] for q in common))
+    has_base = baseline in by_method
+    methods: dict[str, dict] = {}
+    if common:
+        for m, recs in by_method.items():
+            def pick(qids, recs=recs):
+                return [recs[q] for q in qids]
+
+            base = by_method[baseline] if has_base else None
+            entry = {"overall": _group_stats(pick(common), pick(common, base) if base else None), "categories": {}}
+            for cat in categories:
+                qids = [q for q in common if recs[q]["category"] == cat]
+                entry["categories"][cat] = _group_stats(pick(qids), pick(qids, base) if base else None)
+            methods[m] = entry
+    summary = dict(meta or {})
+    summary.update({"baseline": baseline if has_base else None, "questions": len(common),
+                    "categories": categories, "methods": methods})
+    return summary
+
+
+def summarize_dir(out_dir: str | os.PathLike, methods: Sequence[str], baseline: str = BASELINE,
+                  meta: Mapping | None = None) -> dict:
+    return summarize({m: read_answers(answers_path(out_dir, m)) for m in methods}, baseline, meta)
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def overall_table(summary: Mapping) -> str:
+    base = summary.get("baseline") or BASELINE
+    lines = [f"| method | tokens/s | speedup | MAT | identical to {base} |", "|---|---:|---:|---:|---:|"]
+    for m, e in summary["methods"].items():
+        o = e["overall"]
+        lines.append(
+            f"| {m} | {_fmt(o['tokens_per_s'], '.1f')} | {_fmt(o['speedup'], '.2f', 'x')} | "
+            f"{_fmt(o['mat'], '.2f')} | {_fmt(None if o['identical_rate'] is None else 100 * o['identical_rate'], '.0f', '%')} |"
+        )
+    return "\n".join(lines)
+
+
+def category_table(summary: Mapping) -> str:
+    methods = list(summary["methods"])
+    head = "| category | n | " + " | ".join(methods) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(methods)]
+    for cat in summary["categories"]:
+        cells = []
+        for m in methods:
+            s = summary["methods"][m]["categories"][cat]
+            cells.append(f"{_fmt(s['speedup'], '.2f', 'x')} ({s['tokens_per_s']:.1f} t/s, MAT {_fmt(s['mat'], '.2f')})")
+        n = summary["methods"][methods[0]]["categories"][cat]["answers"]
+        lines.append(f"| {cat} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_markdown(summary: Mapping) -> str:
+    title = f"# msn bench: {summary.get('model', '?')} ({summary.get('dtype', '?')}, {summary.get('device', '?')})"
+    info = []
+    for key, label in (("command", "command"), ("questions", "questions"), ("max_new_tokens", "max new tokens"),
+                       ("tree", "tree"), ("device_name", "device"), ("torch_threads", "torch threads"),
+                       ("date", "date"), ("status", "status")):
+        if summary.get(key) is not None:
+            value = f"`{summary[key]}`" if key == "command" else summary[key]
+            info.append(f"- {label}: {value}")
+    parts = [title, "", *info, "", "## Overall", "", overall_table(summary), "",
+             "## Per category: speedup vs " + str(summary.get("baseline") or BASELINE) + " (tokens/s, MAT)", "",
+             category_table(summary), "",
+             "Speed = new tokens / wall time (prefill included) per answer, averaged over answers; "
+             "MAT = mean accepted tokens per decoding step, bonus token included (Spec-Bench conventions).", ""]
+    return "\n".join(parts)
+
+
+def write_summary(out_dir: str | os.PathLike, summary: Mapping) -> None:
+    out = Path(out_dir)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(to_markdown(summary))

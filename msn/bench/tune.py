@@ -1,0 +1,243 @@
+"""``msn tune-tree``: size the draft tree to this device and model.
+
+A tree only pays when the tokens it adds per step outweigh what verifying them costs, and that cost curve
+differs wildly by device and dtype (flat up to ~16 tokens for bf16 on some CPUs, linear for fp32). We
+measure both sides: the forward cost of verifying k tokens on a ~200-token past, and how often each node
+of a large tree lies on the accepted path. Expected tokens/s of a subtree S is
+(1 + sum of acceptance over S) / cost(|S| + 1); we grow S greedily by acceptance (a child only after its
+parent), score every size and keep the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
+from msn.decoding.tree import TreeTemplate, resolve_tree
+from msn.errors import InputError
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+NodeKey = tuple[str, tuple[int, ...]]  # ("j", rank path) or ("r", (depth,))
+
+
+@dataclass(frozen=True)
+class Node:
+    key: NodeKey
+    parent: NodeKey | None  # None = the root
+    prob: float  # share of decoding steps in which this node was on the accepted path
+
+
+@dataclass
+class Selection:
+    nodes: list[Node]  # the chosen nodes, in the order they were added
+    scores: list[float]  # expected tokens/s for the first k added nodes, k = 0..len(order)
+    order: list[Node]  # every node, in greedy order
+
+    @property
+    def best_size(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def speedup(self) -> float:
+        return self.scores[self.best_size] / self.scores[0]
+
+
+def template_nodes(template: TreeTemplate) -> list[NodeKey]:
+    """Keys in the engine's node order (root excluded): Jacobi paths as stored, then the retrieval chain."""
+    keys: list[NodeKey] = [("j", p) for p in template.jacobi]
+    keys += [("r", (d,)) for d in range(1, template.retrieval + 1)]
+    return keys
+
+
+def parent_of(key: NodeKey) -> NodeKey | None:
+    kind, path = key
+    if kind == "j":
+        return ("j", path[:-1]) if len(path) > 1 else None
+    return ("r", (path[0] - 1,)) if path[0] > 1 else None
+
+
+def select_tree(nodes: Sequence[Node], cost: Callable[[int], float], max_nodes: int | None = None) -> Selection:
+    """Greedy growth by acceptance probability, parents first; keep the size maximising
+    (1 + sum of probabilities) / cost(size + 1). Pure: ``cost(n)`` is the time to verify n tokens.
+    Measured acceptance never rises from parent to child, so each greedy prefix is the best parent-closed
+    node set of its size, and the best prefix is the best tree for this cost curve."""
+    by_key = {n.key: n for n in nodes}
+    for n in nodes:
+        if n.parent is not None and n.parent not in by_key:
+            raise InputError(f"tree node {n.key} has no parent {n.parent} among the measured nodes")
+    index = {n.key: i for i, n in enumerate(nodes)}
+    chosen: set[NodeKey] = set()
+    order: list[Node] = []
+    limit = len(nodes) if max_nodes is None else min(max_nodes, len(nodes))
+    while len(order) < limit:
+        frontier = [n for n in nodes if n.key not in chosen and (n.parent is None or n.parent in chosen)]
+        if not frontier:
+            break
+        best = max(frontier, key=lambda n: (n.prob, -index[n.key]))
+        order.append(best)
+        chosen.add(best.key)
+    scores, total = [], 1.0
+    scores.append(total / cost(1))
+    for k, n in enumerate(order, start=1):
+        total += n.prob
+        scores.append(total / cost(k + 1))
+    best_k = max(range(len(scores)), key=lambda k: (scores[k], -k))
+    return Selection(order[:best_k], scores, order)
+
+
+def to_template(nodes: Sequence[Node], name: str) -> TreeTemplate:
+    jacobi = tuple(n.key[1] for n in nodes if n.key[0] == "j")
+    retrieval = max((n.key[1][0] for n in nodes if n.key[0] == "r"), default=0)
+    return TreeTemplate(jacobi, retrieval, name=name)
+
+
+def interpolate(costs: dict[int, float]) -> Callable[[int], float]:
+    """Piecewise-linear cost between measured sizes, extended linearly past the ends."""
+    xs = sorted(costs)
+    ys = [costs[x] for x in xs]
+    if len(xs) == 1:
+        return lambda n: ys[0]
+
+    def f(n: int) -> float:
+        i = min(max(bisect.bisect_left(xs, n), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(y0 + (y1 - y0) * (n - x0) / (x1 - x0), 1e-9)
+
+    return f
+
+
+@torch.inference_mode()
+def measure_costs(model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200, repeats: int = 5,
+                  seed: int = 0) -> dict[int, float]:
+    """Median seconds of one forward over k new tokens on a ``past``-token cache, as the engine runs it
+    (k = 1: plain causal step; k > 1: explicit positions and an additive 4-D mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    device, dtype = model.device, model.dtype
+    kw = cache_keyword(model)
+    cache = new_cache(model)
+    model(input_ids=torch.randint(0, vocab, (1, past), generator=gen).to(device), use_cache=True, **{kw: cache})
+    none_kept = torch.empty(0, dtype=torch.long, device=device)
+    out: dict[int, float] = {}
+    for k in sizes:
+        ids = torch.randint(0, vocab, (1, k), generator=gen).to(device)
+        extra = {}
+        if k > 1:
+            mask = torch.zeros(1, 1, k, past + k, dtype=dtype, device=device)
+            causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+            mask[0, 0, :, past:].masked_fill_(~causal, torch.finfo(dtype).min)
+            extra = {"attention_mask": mask, "position_ids": torch.arange(past, past + k, device=device)[None]}
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up for this shape
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=True, **{kw: cache}, **extra)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            keep_step_entries(cache, k, none_kept)
+        out[k] = statistics.median(times[1:])
+    return out
+
+
+def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequence[str],
+                       max_new_tokens: int = 64) -> tuple[list[float], int]:
+    """Per template node (root excluded): share of steps it was on the accepted path; and the step count."""
+    from msn.bench.runner import encode_chat, eos_ids
+    from msn.decoding import generate
+
+    eos = eos_ids(model, tokenizer)
+    hits = torch.zeros(template.size + 1, dtype=torch.long)
+    steps = 0
+    for text in prompts:
+        ids = encode_chat(tokenizer, [{"role": "user", "content": text}]).to(model.device)
+        out = generate(model, ids, max_new_tokens=max_new_tokens, method="tr-jacobi", tree=template,
+                       eos_token_id=eos)
+        hits += out.node_hits.cpu()
+        steps += out.steps
+    return [h / max(steps, 1) for h in hits[1:].tolist()], steps
+
+
+def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: str,
+         sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200, repeats: int = 5,
+         max_new_tokens: int = 64, log=None) -> tuple[TreeTemplate, dict]:
+    log = log or (lambda s: None)
+    sizes = sorted({k for k in sizes if k >= 1} | {1})
+    log(f"measuring forward cost for {', '.join(map(str, sizes))} tokens on a {past}-token past ...")
+    costs = measure_costs(model, sizes, past, repeats)
+    log("  " + "  ".join(f"{k}: {1000 * v:.1f} ms" for k, v in costs.items()))
+    log(f"measuring acceptance per node of {start.name} ({start.size} nodes) on {len(prompts)} prompts ...")
+    probs, steps = measure_acceptance(model, tokenizer, start, prompts, max_new_tokens)
+    nodes = [Node(k, parent_of(k), p) for k, p in zip(template_nodes(start), probs, strict=True)]
+    sel = select_tree(nodes, interpolate(costs), max_nodes=max(sizes) - 1)
+    tree = to_template(sel.nodes, name)
+    report = {
+        "costs_s": {str(k): v for k, v in costs.items()},
+        "past": past,
+        "steps": steps,
+        "start_tree": start.to_dict(),
+        "node_acceptance": [{"node": list(n.key[1]), "kind": n.key[0], "prob": n.prob} for n in nodes],
+        "expected_tokens_per_s_by_size": sel.scores,
+        "best_size": sel.best_size,
+        "expected_speedup": sel.speedup,
+        "tree": tree.to_dict(),
+    }
+    return tree, report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="preset, folder or checkpoint (default: smollm2-135m)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", default=None, help="tree JSON to write (default: tree-<model>-<dtype>.json)")
+    p.add_argument("--start-tree", default="official-68", help="large tree whose nodes are measured")
+    p.add_argument("--prompts", type=int, default=4, help="built-in demo prompts decoded to measure acceptance")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="token counts to time")
+    p.add_argument("--past", type=int, default=200, help="cache length while timing (default: 200)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per size; the median is used")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from msn.bench.demo import demo_questions
+    from msn.bench.session import pick_device
+    from msn.models import load_model, parse_dtype
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise InputError("--sizes must list token counts >= 1")
+    for flag in ("prompts", "max_new_tokens", "past", "repeats"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    start = resolve_tree(args.start_tree, torch.device(device), parse_dtype(args.dtype))
+    name = f"tuned-{Path(args.model).name}-{args.dtype}-{device}"
+    out = Path(args.out or f"tree-{Path(args.model).name}-{args.dtype}.json")
+    prompts = [q.turns[0] for q in demo_questions()[: args.prompts]]
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    tree, report = tune(model, tokenizer, prompts, start, name, sizes, args.past, args.repeats,
+                        args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tree.save(out)
+    report_path = out.with_name(out.stem + ".measure.json")
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"tree: {tree.size} nodes ({len(tree.jacobi)} Jacobi, retrieval depth {tree.retrieval}), "
+          f"expected {report['expected_speedup']:.2f}x over one-token steps (forward cost only)")
+    print(f"wrote {out} (use: msn bench --tree {out}); measurements in {report_path}")
+    return 0

@@ -1,0 +1,62 @@
+"""msn demo: the built-in prompts, and a run on a tiny model that prints the table and the report path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import msn.bench.session as session
+from msn.bench.demo import PROMPTS, demo_questions
+from msn.bench.fakes import ByteChatTokenizer
+from msn.cli import main
+
+
+def test_prompts_cover_the_spec_bench_kinds():
+    qs = demo_questions()
+    assert len(qs) == 12
+    kinds = {q.category for q in qs}
+    assert {"conversation", "translation", "summarization", "qa", "math_reasoning", "rag", "coding"} <= kinds
+    assert all(len(q.turns) == 1 and len(q.turns[0]) > 20 for q in qs)
+    rag = [q for q in qs if q.category == "rag"]
+    assert all("Question:" in q.turns[0] and len(q.turns[0]) > 300 for q in rag)  # a passage, then a question
+    assert len({q.question_id for q in qs}) == 12
+    assert all(json.loads(line) for line in PROMPTS.read_text().splitlines())
+
+
+def test_demo_prints_table_and_report(tmp_path, monkeypatch, capsys):
+    before = torch.get_num_threads()
+    model, tok = tiny_model("llama"), ByteChatTokenizer()
+    monkeypatch.setattr(session, "_load", lambda cfg, device: (model, tok))
+    try:
+        code = main(["demo", "--limit", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu",
+                     "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| method | tokens/s | speedup | MAT | identical to ar |" in out
+    for m in ("ar", "pld", "jacobi", "tr-jacobi"):
+        assert f"| {m} |" in out
+    assert f"report: {tmp_path / 'summary.md'}" in out
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["questions"] == 2 and s["categories"] == ["conversation"]
+
+
+def test_demo_rejects_bad_method(capsys):
+    assert main(["demo", "--methods", "ar,fast"]) == 2
+    assert "unknown method(s) fast" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_real_model_one_prompt(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        code = main(["demo", "--limit", "1", "--max-new-tokens", "16", "--threads", "1", "--device", "cpu",
+                     "--methods", "ar,tr-jacobi", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    assert "| tr-jacobi |" in capsys.readouterr().out

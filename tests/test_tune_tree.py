@@ -1,0 +1,149 @@
+"""tune-tree: the selection rule on synthetic costs and probabilities, and the measurements on a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from msn.bench import tune
+from msn.bench.fakes import ByteChatTokenizer
+from msn.bench.tune import Node, interpolate, parent_of, select_tree, template_nodes, to_template
+from msn.cli import main
+from msn.decoding.tree import TREE_PRESETS, TreeTemplate, build_buffers
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def nodes_from(probs: dict) -> list[Node]:
+    return [Node(k, parent_of(k), p) for k, p in probs.items()]
+
+
+J = {
+    ("j", (0,)): 0.5,
+    ("j", (1,)): 0.2,
+    ("j", (0, 0)): 0.3,
+    ("j", (0, 0, 0)): 0.05,
+    ("j", (2,)): 0.01,
+    ("r", (1,)): 0.1,
+    ("r", (2,)): 0.6,  # likelier than its parent: must still come after it
+}
+
+
+def test_children_never_before_parents():
+    sel = select_tree(nodes_from(J), cost=lambda n: 1.0)
+    order = [n.key for n in sel.order]
+    for i, k in enumerate(order):
+        if parent_of(k) is not None:
+            assert order.index(parent_of(k)) < i
+    assert order[:3] == [("j", (0,)), ("j", (0, 0)), ("j", (1,))]
+    assert order.index(("r", (2,))) == order.index(("r", (1,))) + 1
+
+
+def test_flat_cost_takes_every_useful_node():
+    sel = select_tree(nodes_from(J), cost=lambda n: 1.0)
+    assert sel.best_size == len(J)
+    assert sel.scores[-1] == pytest.approx(1 + sum(J.values()))
+    assert sel.speedup == pytest.approx(1 + sum(J.values()))
+
+
+def test_steep_cost_takes_nothing():
+    sel = select_tree(nodes_from(J), cost=lambda n: float(n))  # each token costs a full step
+    assert sel.best_size == 0 and sel.speedup == 1.0
+    assert to_template(sel.nodes, "t").size == 0
+
+
+def test_best_prefix_is_the_argmax():
+    cost = interpolate({1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0})
+    sel = select_tree(nodes_from(J), cost)
+    scores = []
+    total = 1.0
+    for k in range(len(sel.order) + 1):
+        total += sel.order[k - 1].prob if k else 0.0
+        scores.append(total / cost(k + 1))
+    assert sel.scores == pytest.approx(scores)
+    assert sel.best_size == max(range(len(scores)), key=scores.__getitem__)
+    assert 0 < sel.best_size < len(J)
+
+
+def test_greedy_prefix_is_optimal_among_closed_subsets_of_that_size():
+    """Measured acceptance never grows from parent to child (a node is on the accepted path only with its
+    parent); then each greedy prefix is the best parent-closed set of its size (checked by brute force)."""
+    monotone = dict(J)
+    monotone[("r", (2,))] = 0.08
+    nodes = nodes_from(monotone)
+    sel = select_tree(nodes, cost=lambda n: 1.0)
+    keys = [n.key for n in nodes]
+    for size in range(1, len(nodes) + 1):
+        greedy = sum(n.prob for n in sel.order[:size])
+        best = 0.0
+        for combo in itertools.combinations(keys, size):
+            s = set(combo)
+            if all(parent_of(k) is None or parent_of(k) in s for k in combo):
+                best = max(best, sum(monotone[k] for k in combo))
+        assert greedy == pytest.approx(best)
+
+
+def test_max_nodes_and_template():
+    sel = select_tree(nodes_from(J), cost=lambda n: 1.0, max_nodes=4)
+    assert len(sel.order) == 4
+    t = to_template(sel.nodes, "mine")
+    assert t.jacobi == ((0,), (1,), (0, 0)) and t.retrieval == 1 and t.name == "mine"
+
+
+def test_interpolate():
+    f = interpolate({1: 10.0, 3: 14.0, 5: 14.0})
+    assert f(1) == 10.0 and f(2) == pytest.approx(12.0) and f(4) == 14.0
+    assert f(7) == pytest.approx(14.0)  # flat extension of the last segment
+    assert interpolate({1: 2.0})(50) == 2.0
+
+
+def test_template_nodes_follow_engine_order():
+    t = TREE_PRESETS["official-68"]
+    keys = template_nodes(t)
+    buf = build_buffers(t)
+    assert len(keys) == t.size == buf.num_nodes - 1
+    pos = {k: i + 1 for i, k in enumerate(keys)}
+    for k in keys:
+        expected = pos[parent_of(k)] if parent_of(k) is not None else 0
+        assert int(buf.parent[pos[k]]) == expected
+        assert int(buf.depth[pos[k]]) == len(k[1]) if k[0] == "j" else k[1][0]
+
+
+def test_measure_costs_times_each_size():
+    model = tiny_model("llama")
+    costs = tune.measure_costs(model, sizes=(1, 4, 16), past=20, repeats=2)
+    assert set(costs) == {1, 4, 16} and all(v > 0 for v in costs.values())
+
+
+def test_tune_writes_loadable_tree(tmp_path, monkeypatch, capsys):
+    model, tok = tiny_model("llama"), ByteChatTokenizer()
+    import msn.models
+
+    monkeypatch.setattr(msn.models, "load_model", lambda *a, **k: (model, tok))
+    out = tmp_path / "tree.json"
+    code = main(["tune-tree", "--model", "tiny", "--dtype", "fp32", "--device", "cpu", "--sizes", "1,8,32",
+                 "--repeats", "1", "--prompts", "2", "--max-new-tokens", "12", "--start-tree", "cpu-bf16-16",
+                 "--past", "16", "--out", str(out)])
+    assert code == 0
+    tree = TreeTemplate.load(out)
+    assert tree.name == "tuned-tiny-fp32-cpu" and tree.size <= 31
+    report = json.loads((tmp_path / "tree.measure.json").read_text())
+    assert len(report["node_acceptance"]) == TREE_PRESETS["cpu-bf16-16"].size
+    assert all(0.0 <= n["prob"] <= 1.0 for n in report["node_acceptance"])
+    assert report["tree"] == tree.to_dict()
+    assert str(out) in capsys.readouterr().out
+
+
+def test_bad_sizes(capsys):
+    assert main(["tune-tree", "--sizes", "1,x"]) == 2
+    assert "--sizes must be comma-separated integers" in capsys.readouterr().err
