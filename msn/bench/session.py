@@ -104,7 +104,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
         "tree_template": tree.to_dict(),
         "method_order": list(cfg.methods),
         "command": cfg.command,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started": _now(),
+        "load_average_start": _load_average(),
         "torch": torch.__version__,
     }
     speeds: dict[str, list[float]] = {m: [] for m in cfg.methods}
@@ -144,6 +145,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     finally:
         for f in files.values():
             f.close()
+    meta["finished"] = _now()
+    meta["load_average_end"] = _load_average()
     meta["status"] = (
         f"interrupted: {done} of {len(cfg.questions)} questions finished" if interrupted else "complete"
     )
@@ -152,6 +155,18 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     if summary["questions"]:
         plot_speedup(summary, out / "speedup.png")
     return BenchResult(summary, interrupted, out)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _load_average() -> float | None:
+    """1-minute load: on a shared machine, the context every timing needs."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def command_line() -> str | None:

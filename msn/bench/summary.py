@@ -158,7 +158,9 @@ def to_markdown(summary: Mapping) -> str:
     info = []
     for key, label in (("command", "command"), ("questions", "questions"), ("max_new_tokens", "max new tokens"),
                        ("tree", "tree"), ("device_name", "device"), ("torch_threads", "torch threads"),
-                       ("date", "date"), ("status", "status")):
+                       ("started", "started"), ("finished", "finished"),
+                       ("load_average_start", "1-min load average at start"),
+                       ("load_average_end", "1-min load average at end"), ("status", "status")):
         if summary.get(key) is not None:
             value = f"`{summary[key]}`" if key == "command" else summary[key]
             info.append(f"- {label}: {value}")
