@@ -163,7 +163,7 @@ def _print(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         from rich.console import Console
 
-        Console(stderr=True).print(msg)
+        Console(stderr=True, soft_wrap=True).print(msg)
 
 
 def _wrap_lora(model, r: int):
