@@ -171,7 +171,7 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
         past = length - 1
         if buf.num_nodes == 1:  # ar: one token, the model's own causal mask
             logits = model(input_ids=committed[None, past:length], use_cache=True, **{kw: cache}).logits[0]
-            new = [int(logits[-1].argmax())]
+            new = [int(logits[-1].float().argmax())]  # bf16 argmax on CPU is ~10x slower than fp32
             tree_step = None
         else:
             drafts = [jacobi.table.flatten().to(device)] if jacobi is not None else []
@@ -191,6 +191,7 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
                 use_cache=True,
                 **{kw: cache},
             ).logits[0]
+            logits = logits.float()  # bf16 argmax/topk on CPU is ~10x slower than fp32
             acc = greedy_accept(tree_step.tokens, logits.argmax(-1), tree_step.paths)
             new = tree_step.tokens[acc.accepted].tolist() + [acc.bonus]
             keep = torch.cat([torch.zeros(1, dtype=torch.long, device=device), acc.accepted])
