@@ -1,0 +1,262 @@
+"""benchmarks/reproduce/run.py: the issue-5 driver, end to end on the toy budget, resume, plans and the claims logic.
+
+The end-to-end test uses 2-layer random models saved with SmolLM2's real tokenizer (a normal HF folder, which
+every msn command accepts), a 40-row JSONL and a 2-question Spec-Bench file, so it needs no network and no
+real model weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "benchmarks" / "reproduce" / "run.py"
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("reproduce_run", DRIVER)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_run"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def toy_inputs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama (general) and Qwen2 (code) with SmolLM2's tokenizer, a JSONL data file, 2 questions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+    from msn.errors import MsnError
+    from msn.models import preset_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
+    except MsnError as e:  # pragma: no cover - environment without the preset package
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("reproduce-inputs")
+    paths: dict[str, Path] = {}
+    for name, config_cls in (("general", LlamaConfig), ("code", Qwen2Config)):
+        cfg = config_cls(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=512,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(0)
+        paths[name] = root / name
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    rows = [{"prompt": f"Count from {i}.", "response": " ".join(str(i + j) for j in range(12))} for i in range(40)]
+    paths["data"] = root / "data.jsonl"
+    paths["data"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = [
+        {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now one about snow."]},
+        {"question_id": 2, "category": "qa", "turns": ["What is the capital of France?"]},
+    ]
+    paths["questions"] = root / "question.jsonl"
+    paths["questions"].write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return paths
+
+
+def run_driver(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(DRIVER), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# Every kind of stage once: an untrained base, plain SFT, MSN at two lengths (the ablation table), and the code
+# group's LoRA MSN model (HumanEval). The full toy plan (all 42 stages) takes ~70 s here; the test keeps < 60 s.
+TOY_VARIANTS = "general:base,general:sft,general:msn-L4,general:msn-L1,code:msn-L4"
+
+
+def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
+    out = tmp_path / "out"
+    common = [
+        "--budget", "toy", "--out", str(out), "--questions", str(toy_inputs["questions"]),
+        "--model-general", str(toy_inputs["general"]), "--model-code", str(toy_inputs["code"]),
+        "--data-general", str(toy_inputs["data"]), "--data-code", str(toy_inputs["data"]),
+        "--variants", TOY_VARIANTS,
+    ]
+    # First run: every stage, through msn.cli.main in one process (the same argv as the subprocess launcher).
+    first = run_driver([*common, "--launcher", "inprocess"])
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "failed 0, blocked 0" in first.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    ids = ["general-base", "general-sft", "general-msn-L4", "general-msn-L1", "code-msn-L4"]
+    assert list(report["variants"]) == ids
+    for vid in ids:
+        v = report["variants"][vid]
+        assert v["quality"]["heldout-loss"]["loss"] > 0
+        assert "acc_3" in v["quality"]["denoise"]
+        assert set(v["speed"]["overall"]) == {"ar", "pld", "jacobi", "tr-jacobi"}
+        assert v["speed"]["questions"] == 2 and v["speed"]["status"] == "complete"
+        assert v["trained"] == (vid != "general-base")
+        if v["trained"]:
+            assert v["train"]["steps"] == 2
+            assert v["train"]["log"] and "eval_loss" in v["train"]["log"][-1]
+    assert report["variants"]["code-msn-L4"]["quality"]["humaneval"]["n"] == 1
+    assert report["variants"]["code-msn-L4"]["train"]["lora"] is True
+
+    t = report["tables"]
+    assert [r["variant"] for r in t["side_by_side"]["general"]] == ids[:4]
+    assert t["side_by_side"]["code"][0]["humaneval_pass_at_1"] is not None
+    assert set(t["decoders"]["general"]) == {"pld", "jacobi", "tr-jacobi"}
+    assert [r["length"] for r in t["noise_length_ablation"]] == [1, 4]
+    retr = t["retrieval_ablation"]["general"]["general-msn-L4"]
+    assert set(retr["categories"]) == {"writing", "qa"} and retr["n"] == 2
+    claims = {(c["claim"], c["variant"]): c for c in t["claims"]}
+    assert claims[("noise length 4 is best of {1, 4, 8}", "general ablation")]["holds"] == "n/a"  # no L=8 here
+    assert any(c.startswith("tr-jacobi speed-up") and v == "code-msn-L4" for c, v in claims)
+    assert any(c.startswith("retrieval helps") for c, _ in claims)
+    assert all(c["holds"] in ("yes", "no", "n/a") for c in t["claims"])
+    assert len(report["stages"]) == 20 and all(s["status"] == "ran" for s in report["stages"])
+
+    md = (out / "report.md").read_text()
+    for heading in ("### Quality and speed side by side", "### Retrieval ablation", "## Noise-length ablation",
+                    "## The paper's claims", "## How to reproduce", "## Denoising accuracy during training"):
+        assert heading in md
+    assert "msn train --model" in md and "--resume" in md and "msn bench --model" in md
+    assert (out / "report.png").stat().st_size > 1000
+    # finished training runs keep only their last checkpoint
+    assert [p.name for p in (out / "train" / "general-msn-L4").glob("checkpoint-*")] == ["checkpoint-2"]
+
+    # Second run, default (subprocess) launcher, one output removed: only that stage runs again.
+    victim = out / "quality" / "general-base" / "heldout-loss.json"
+    victim.unlink()
+    benches = {p: p.stat().st_mtime_ns for p in (out / "bench").glob("*/summary.json")}
+    second = run_driver(common)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "ran 1, skipped 19, failed 0, blocked 0" in second.stdout
+    assert second.stdout.count(": skip (complete") == 19
+    assert victim.is_file()
+    assert {p: p.stat().st_mtime_ns for p in benches} == benches
+    log = (out / "logs" / "quality_general-base_heldout-loss.log").read_text()
+    assert "-m msn.cli eval" in log  # the rerun went through a real subprocess
+    report2 = json.loads((out / "report.json").read_text())
+    assert report2["stage_counts"] == {"ran": 1, "skipped": 19, "failed": 0, "blocked": 0}
+
+
+def test_budget_plans_compare_like_with_like(tmp_path):
+    """Every variant of a group shares data, steps, batch, seed; benches use the same questions and methods."""
+    drv = load_driver()
+    for name in ("toy", "cpu", "gpu"):
+        groups = drv.budget(name)
+        stages = drv.plan(groups, tmp_path / name, "q.jsonl", 1, None, False)
+        for g in groups:
+            trains = [s.argv for s in stages if s.kind == "train" and s.variant_id.startswith(g.name + "-")]
+            assert len(trains) == len(g.variants) - 1  # all but the untrained base
+
+            def without_noise(argv):
+                drop = {"--output", "--noise", "--noise-length", "--noise-segments"}
+                return [x for i, x in enumerate(argv) if x not in drop and (i == 0 or argv[i - 1] not in drop)]
+
+            assert len({tuple(without_noise(a)) for a in trains}) == 1
+            assert all("--resume" in a and "--seed" in a for a in trains)
+            benches = [s.argv for s in stages if s.kind == "speed" and s.variant_id.startswith(g.name + "-")]
+            assert len(benches) == len(g.variants)
+            assert len({tuple(a[a.index("--questions"):a.index("--out")]) for a in benches}) == 1
+            assert all("ar,pld,jacobi,tr-jacobi" in a and "bf16" in a and "--per-category" in a for a in benches)
+        names = {g.name: [v.name for v in g.variants] for g in groups}
+        assert names["general"] == ["base", "sft", "msn-L4", "msn-L4x8", "msn-L1", "msn-L8"]
+        assert names["code"][:3] == ["base", "sft", "msn-L4"]
+        kinds = [s.kind for s in stages]
+        assert kinds == sorted(kinds, key=["train", "quality", "speed"].index)  # benches back to back
+    cpu = {g.name: g for g in drv.budget("cpu")}
+    assert cpu["general"].model == "smollm2-135m" and cpu["general"].data == "sharegpt"
+    assert cpu["code"].model == "qwen2.5-coder-0.5b" and cpu["code"].lora and cpu["code"].humaneval
+
+
+def _summary(speedups: dict[str, dict[str, float]], mats: dict[str, float]) -> dict:
+    """A bench summary.json with the shape msn bench writes, for two categories."""
+    methods = {}
+    for m in ("ar", "pld", "jacobi", "tr-jacobi"):
+        cats = {c: {"tokens_per_s": 10.0 * s, "speedup": s, "mat": mats[m], "identical_rate": 1.0, "answers": 1}
+                for c, s in speedups[m].items()}
+        overall = sum(speedups[m].values()) / len(speedups[m])
+        methods[m] = {"overall": {"tokens_per_s": 10.0 * overall, "speedup": overall, "mat": mats[m],
+                                  "identical_rate": 1.0, "answers": 2}, "categories": cats}
+    return {"status": "complete", "questions": 2, "categories": ["writing", "qa"], "methods": methods,
+            "device": "cpu", "dtype": "bf16"}
+
+
+def test_claims_from_synthetic_results(tmp_path):
+    """The claims column reads the numbers right: MSN faster than SFT, retrieval per category, L ablation."""
+    drv = load_driver()
+    groups = [g for g in drv.budget("toy") if g.name == "general"]
+    out = tmp_path
+    speed = {  # variant -> (tr-jacobi speedups per category, jacobi, MATs)
+        "base": ({"writing": 1.1, "qa": 1.2}, {"writing": 0.9, "qa": 0.9}, 1.2, 1.5),
+        "sft": ({"writing": 1.2, "qa": 1.3}, {"writing": 0.9, "qa": 1.0}, 1.2, 1.6),
+        "msn-L4": ({"writing": 2.4, "qa": 2.6}, {"writing": 1.5, "qa": 2.8}, 2.0, 3.1),
+        "msn-L4x8": ({"writing": 2.0, "qa": 2.1}, {"writing": 1.4, "qa": 1.5}, 1.9, 2.9),
+        "msn-L1": ({"writing": 1.5, "qa": 1.6}, {"writing": 1.0, "qa": 1.1}, 1.3, 1.9),
+        "msn-L8": ({"writing": 2.2, "qa": 2.3}, {"writing": 1.4, "qa": 1.5}, 1.9, 2.8),
+    }
+    loss = {"base": 2.0, "sft": 1.50, "msn-L4": 1.52, "msn-L4x8": 1.60, "msn-L1": 1.5, "msn-L8": 1.55}
+    for v, (tr, jac, mat_j, mat_t) in speed.items():
+        vid = f"general-{v}"
+        s = _summary({"ar": {"writing": 1.0, "qa": 1.0}, "pld": {"writing": 1.3, "qa": 1.4}, "jacobi": jac,
+                      "tr-jacobi": tr}, {"ar": 1.0, "pld": 1.5, "jacobi": mat_j, "tr-jacobi": mat_t})
+        drv.write_json(out / "bench" / vid / "summary.json", s)
+        drv.write_json(out / "quality" / vid / "heldout-loss.json", {"loss": loss[v], "perplexity": 5.0,
+                                                                     "next_token_acc": 0.5})
+        drv.write_json(out / "quality" / vid / "denoise.json", {"acc": 0.1, **{f"acc_{k}": 0.1 for k in range(4)}})
+    stages = drv.plan(groups, out, "q.jsonl", 1, None, False)
+    result = {"status": {}, "counts": {"ran": 0, "skipped": 0, "failed": 0, "blocked": 0}}
+    report = drv.write_report(groups, stages, out, "toy", "q.jsonl", "python run.py", result)
+    claims = {(c["claim"].split(" ")[0] + " " + c["claim"].split(" ")[1], c["variant"]): c
+              for c in report["tables"]["claims"]}
+    assert claims[("tr-jacobi speed-up", "general-msn-L4")]["holds"] == "yes"  # 2.5x
+    assert claims[("tr-jacobi speed-up", "general-msn-L4x8")]["holds"] == "no"  # 2.05x
+    assert claims[("noisy SFT", "general-msn-L4")]["holds"] == "yes"
+    assert claims[("quality kept", "general-msn-L4")]["holds"] == "yes"  # 1.52 <= 1.50 * 1.02
+    assert claims[("quality kept", "general-msn-L4x8")]["holds"] == "no"  # 1.60 > 1.53
+    assert claims[("retrieval helps", "general-msn-L4")]["holds"] == "no"  # qa: 2.8 jacobi > 2.6 tr-jacobi
+    assert claims[("retrieval helps", "general-msn-L4")]["ours"] == "1/2 categories"
+    assert claims[("noise length", "general ablation")]["holds"] == "yes"
+    md = (out / "report.md").read_text()
+    assert "| general-msn-L4 | ahead L=4 x1 |" in md and "2.50x (MAT 3.10)" in md
+
+
+def test_skip_stale_and_blocked_stages(tmp_path, monkeypatch):
+    """Complete outputs skip; a result older than its model reruns; a failed training blocks its dependents."""
+    drv = load_driver()
+    ran: list[str] = []
+
+    def fake_launch(stage, log, env, verbose):
+        ran.append(stage.id)
+        if stage.extra.get("fail"):
+            return 1
+        stage.output.write_text("{}")
+        return 0
+
+    monkeypatch.setattr(drv, "launch_subprocess", fake_launch)
+    done = drv.eval_done("x")
+
+    def exists(p: Path) -> bool:
+        return p.is_file()
+
+    model, result = tmp_path / "model.json", tmp_path / "result.json"
+    stages = [drv.Stage("train:a", "train", "a", ["train"], model, exists),
+              drv.Stage("quality:a", "quality", "a", ["eval"], result, exists, needs="train:a")]
+    first = drv.run_stages(stages, tmp_path, "subprocess", None, False, False)
+    assert ran == ["train:a", "quality:a"] and first["counts"]["ran"] == 2
+    ran.clear()
+    again = drv.run_stages(stages, tmp_path, "subprocess", None, False, False)
+    assert ran == [] and again["counts"]["skipped"] == 2
+    os.utime(model, (result.stat().st_mtime + 10, result.stat().st_mtime + 10))  # the model was retrained
+    drv.run_stages(stages, tmp_path, "subprocess", None, False, False)
+    assert ran == ["quality:a"]
+    ran.clear()
+    broken = [drv.Stage("train:b", "train", "b", ["train"], tmp_path / "b.json", done, extra={"fail": True}),
+              drv.Stage("speed:b", "speed", "b", ["bench"], tmp_path / "c.json", done, needs="train:b")]
+    res = drv.run_stages(broken, tmp_path, "subprocess", None, False, False)
+    assert ran == ["train:b"] and res["status"] == {"train:b": "failed", "speed:b": "blocked"}
