@@ -144,6 +144,11 @@ def test_eos_inside_an_accepted_path_cuts_the_rest():
 # transformers integration: custom_generate and streamers
 
 
+# max_new_tokens goes to msn.generate (a custom_generate keyword), so transformers warns that it falls back to
+# its default max_length for its own bookkeeping; the output length is still max_new_tokens (asserted below).
+pytestmark = pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`:UserWarning")
+
+
 class Collect(BaseStreamer):
     def __init__(self):
         self.puts: list[list[int]] = []
