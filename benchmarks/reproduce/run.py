@@ -647,7 +647,8 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
         L.append("|---|---|---:|---:|---:|---:|---|" + ("---:|" if g.humaneval else "") + "---:|---:|---:|---:|---:|")
         for r in rows:
             ks = " ".join(_fmt(a, ".2f") for a in r["denoise_acc_k"])
-            cells = [r["variant"], r["noise"], _fmt(r["steps"], "d") if r["steps"] is not None else "0",
+            steps = "0" if r["noise"] == "untrained" else _fmt(r["steps"], "d")
+            cells = [r["variant"], r["noise"], steps,
                      _fmt(r["heldout_loss"]), _fmt(r["perplexity"], ".2f"), _fmt(r["next_token_acc"]),
                      f"{_fmt(r['denoise_acc'])} ({ks})"]
             if g.humaneval:
@@ -806,7 +807,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated variants to keep: NAME (every group) or GROUP:NAME, e.g. "
                         "base,sft,msn-L4 or general:msn-L1 (default all)")
     p.add_argument("--stages", default="train,quality,speed",
-                   help="comma-separated stage kinds to run: train, quality, speed (the report is always written)")
+                   help="comma-separated stage kinds to run: train, quality, speed (the report is always written; "
+                        "--stages '' only rewrites it)")
     p.add_argument("--model-general", default=None, help="base model of the general group (preset/folder/hub id)")
     p.add_argument("--model-code", default=None, help="base model of the code group")
     p.add_argument("--data-general", default=None, help="training/held-out data of the general group")
