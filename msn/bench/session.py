@@ -171,6 +171,9 @@ def _load_average() -> float | None:
 
 def command_line() -> str | None:
     """The ``msn ...`` command as typed, for the report (None when called from Python)."""
-    if sys.argv and os.path.basename(sys.argv[0]) == "msn":
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if prog == "msn":
         return " ".join(["msn", *sys.argv[1:]])
+    if prog == "cli.py" and sys.argv[0].endswith(os.path.join("msn", "cli.py")):  # python -m msn.cli
+        return " ".join(["python -m msn.cli", *sys.argv[1:]])
     return None

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="denoise: seed of the (fixed) evaluation noise")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
 
 
 def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from msn.models import load_model
 
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     except MsnError:
         raise
     except (OSError, ValueError) as e:
