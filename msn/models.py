@@ -8,6 +8,7 @@ reuse it, so every later load is an ordinary ``from_pretrained``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -115,6 +116,7 @@ def preset_path(name: str) -> Path:
     preset = PRESETS[name]
     out = cache_dir() / "models" / name
     if (out / "config.json").is_file():
+        _portable_tokenizer_class(out)
         return out
     parts = _gguf_parts(preset)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,21 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     plain.generation_config = model.generation_config
     plain.save_pretrained(dest)
     tok.save_pretrained(dest)
+    _portable_tokenizer_class(dest)
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 writes ``TokenizersBackend``, which 4.x cannot load; the fast-tokenizer name works in
+    both. Applied at conversion and to caches converted before this fix."""
+    cfg_path = folder / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tmp = cfg_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        os.replace(tmp, cfg_path)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
