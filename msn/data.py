@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from msn.errors import InputError, MsnError
+from msn.jsonl import iter_jsonl
 from msn.noise import NoiseConfig, apply_noise, seeded_generator
 
 IGNORE = -100
@@ -101,16 +102,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[Record]:
     if not p.is_file():
         raise InputError("data file not found" if not p.exists() else "not a file", where=str(p))
     with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg} at column {e.colno}", where=where) from None
-            messages = normalize_record(obj, where)
-            yield Record(messages, where, line.strip())
+        for obj, where, _, raw in iter_jsonl(f, str(p)):
+            yield Record(normalize_record(obj, where), where, raw)
 
 
 # ---------------------------------------------------------------------------------------------- built-ins

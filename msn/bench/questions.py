@@ -7,13 +7,13 @@ Spec-Bench (https://github.com/hemingkx/Spec-Bench) keeps its 480 questions in
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from msn.errors import InputError
+from msn.jsonl import iter_jsonl
 
 SPEC_BENCH_URL = "https://github.com/hemingkx/Spec-Bench/blob/main/data/spec_bench/question.jsonl"
 
@@ -45,14 +45,7 @@ def read_questions(lines: Iterable[str], source: str) -> list[Question]:
     """Parse JSONL lines; errors name ``source:line``. Blank lines are allowed, duplicate ids are not."""
     out: list[Question] = []
     seen: dict[int | str, int] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{source}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where=where) from None
+    for obj, where, lineno, _ in iter_jsonl(lines, source):
         q = parse_question(obj, where)
         if q.question_id in seen:
             raise InputError(
