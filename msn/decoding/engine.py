@@ -8,7 +8,7 @@ chain, ``tr-jacobi`` both. Greedy verification makes the output identical to pla
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,6 @@ class GenerateOutput:
     method: str = "tr-jacobi"
     tree: TreeTemplate | None = None
     node_hits: torch.Tensor | None = None  # per template node (root first): steps it was accepted
-    extra: dict = field(default_factory=dict)
 
     @property
     def mean_accepted(self) -> float:
