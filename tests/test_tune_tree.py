@@ -11,7 +11,15 @@ from conftest import tiny_model
 
 from msn.bench import tune
 from msn.bench.fakes import ByteChatTokenizer
-from msn.bench.tune import Node, interpolate, parent_of, select_tree, template_nodes, to_template
+from msn.bench.tune import (
+    Node,
+    expected_cost,
+    interpolate,
+    parent_of,
+    select_tree,
+    template_nodes,
+    to_template,
+)
 from msn.cli import main
 from msn.decoding.tree import TREE_PRESETS, TreeTemplate, build_buffers
 
@@ -141,7 +149,44 @@ def test_tune_writes_loadable_tree(tmp_path, monkeypatch, capsys):
     assert len(report["node_acceptance"]) == TREE_PRESETS["cpu-bf16-16"].size
     assert all(0.0 <= n["prob"] <= 1.0 for n in report["node_acceptance"])
     assert report["tree"] == tree.to_dict()
+    share = report["retrieval_chain_share_by_depth"]
+    assert len(share) == TREE_PRESETS["cpu-bf16-16"].retrieval
+    assert all(1.0 >= a >= b >= 0.0 for a, b in zip(share, share[1:], strict=False))  # deeper needs shallower
     assert str(out) in capsys.readouterr().out
+
+
+def test_expected_cost_charges_retrieval_only_when_a_chain_exists():
+    def cost(n):
+        return float(n)
+
+    assert expected_cost(cost, 2, 3, None) == cost(6)
+    assert expected_cost(cost, 2, 3, [1.0, 1.0, 1.0]) == cost(6)
+    assert expected_cost(cost, 2, 3, [0.0, 0.0, 0.0]) == cost(3)
+    # chain reaches depth 1 on half the steps, depth 2 on a quarter, never depth 3
+    assert expected_cost(cost, 0, 3, [0.5, 0.25, 0.0]) == 0.5 * 1 + 0.25 * 2 + 0.25 * 3
+
+
+def test_rare_retrieval_chain_is_chosen_when_charged_by_its_share():
+    nodes = [Node(("r", (1,)), None, 0.10), Node(("r", (2,)), ("r", (1,)), 0.07)]
+
+    def cost(n):
+        return 1.0 + 0.5 * (n - 1)  # each extra token costs half a step
+
+    assert select_tree(nodes, cost).best_size == 0  # paid every step, the chain loses
+    chosen = select_tree(nodes, cost, chain_share=[0.12, 0.09])
+    assert chosen.best_size == 2 and chosen.speedup > 1.0  # paid only when drafted, it wins
+
+
+def test_engine_reports_retrieval_chain_lengths():
+    import torch
+
+    import msn
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7]])  # "5 6 7" repeats: the chain drafts what followed it
+    out = msn.generate(model, ids, max_new_tokens=6, method="retrieval", tree="cpu-bf16-16")
+    assert len(out.retrieval_lengths) == out.steps
+    assert out.retrieval_lengths[0] == 4  # after "5 6 7" came "8 5 6 7": 4 tokens (depth 5, text ends)
 
 
 def test_bad_sizes(capsys):

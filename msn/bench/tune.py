@@ -67,11 +67,16 @@ def parent_of(key: NodeKey) -> NodeKey | None:
     return ("r", (path[0] - 1,)) if path[0] > 1 else None
 
 
-def select_tree(nodes: Sequence[Node], cost: Callable[[int], float], max_nodes: int | None = None) -> Selection:
+def select_tree(nodes: Sequence[Node], cost: Callable[[int], float], max_nodes: int | None = None,
+                chain_share: Sequence[float] | None = None) -> Selection:
     """Greedy growth by acceptance probability, parents first; keep the size maximising
-    (1 + sum of probabilities) / cost(size + 1). Pure: ``cost(n)`` is the time to verify n tokens.
+    (1 + sum of probabilities) / expected cost. Pure: ``cost(n)`` is the time to verify n tokens.
     Measured acceptance never rises from parent to child, so each greedy prefix is the best parent-closed
-    node set of its size, and the best prefix is the best tree for this cost curve."""
+    node set of its size, and the best prefix is the best tree for this cost curve.
+
+    ``chain_share[d - 1]`` is the share of steps whose retrieval chain reached depth d: retrieval nodes
+    are only in the forward pass on those steps (the engine drops nodes with no token), so they are
+    charged only there. None: charge every node every step."""
     by_key = {n.key: n for n in nodes}
     for n in nodes:
         if n.parent is not None and n.parent not in by_key:
@@ -87,13 +92,29 @@ def select_tree(nodes: Sequence[Node], cost: Callable[[int], float], max_nodes: 
         best = max(frontier, key=lambda n: (n.prob, -index[n.key]))
         order.append(best)
         chosen.add(best.key)
-    scores, total = [], 1.0
-    scores.append(total / cost(1))
-    for k, n in enumerate(order, start=1):
+    scores, total, jacobi, depth = [1.0 / cost(1)], 1.0, 0, 0
+    for n in order:
         total += n.prob
-        scores.append(total / cost(k + 1))
+        if n.key[0] == "j":
+            jacobi += 1
+        else:
+            depth += 1
+        scores.append(total / expected_cost(cost, jacobi, depth, chain_share))
     best_k = max(range(len(scores)), key=lambda k: (scores[k], -k))
     return Selection(order[:best_k], scores, order)
+
+
+def expected_cost(cost: Callable[[int], float], jacobi: int, depth: int,
+                  chain_share: Sequence[float] | None) -> float:
+    """Mean forward cost of a tree with ``jacobi`` Jacobi nodes and a retrieval chain of ``depth``."""
+    if chain_share is None or depth == 0:
+        return cost(1 + jacobi + depth)
+    reach = [1.0] + [chain_share[d] if d < len(chain_share) else 0.0 for d in range(depth)]  # P(len >= d)
+    mean = 0.0
+    for length in range(depth + 1):  # P(drafted chain length == length), capped at depth
+        p = reach[length] - (reach[length + 1] if length < depth else 0.0)
+        mean += p * cost(1 + jacobi + length)
+    return mean
 
 
 def to_template(nodes: Sequence[Node], name: str) -> TreeTemplate:
@@ -151,21 +172,27 @@ def measure_costs(model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200, 
 
 
 def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequence[str],
-                       max_new_tokens: int = 64) -> tuple[list[float], int]:
-    """Per template node (root excluded): share of steps it was on the accepted path; and the step count."""
+                       max_new_tokens: int = 64) -> tuple[list[float], int, list[float]]:
+    """Per template node (root excluded): share of steps it was on the accepted path; the step count; and
+    per retrieval depth d, the share of steps whose retrieval chain reached depth d."""
     from msn.bench.runner import encode_chat, eos_ids
     from msn.decoding import generate
 
     eos = eos_ids(model, tokenizer)
     hits = torch.zeros(template.size + 1, dtype=torch.long)
     steps = 0
+    reached = [0] * template.retrieval
     for text in prompts:
         ids = encode_chat(tokenizer, [{"role": "user", "content": text}]).to(model.device)
         out = generate(model, ids, max_new_tokens=max_new_tokens, method="tr-jacobi", tree=template,
                        eos_token_id=eos)
         hits += out.node_hits.cpu()
         steps += out.steps
-    return [h / max(steps, 1) for h in hits[1:].tolist()], steps
+        for length in out.retrieval_lengths or []:
+            for d in range(min(length, template.retrieval)):
+                reached[d] += 1
+    share = [r / max(steps, 1) for r in reached]
+    return [h / max(steps, 1) for h in hits[1:].tolist()], steps, share
 
 
 def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: str,
@@ -177,15 +204,16 @@ def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: st
     costs = measure_costs(model, sizes, past, repeats)
     log("  " + "  ".join(f"{k}: {1000 * v:.1f} ms" for k, v in costs.items()))
     log(f"measuring acceptance per node of {start.name} ({start.size} nodes) on {len(prompts)} prompts ...")
-    probs, steps = measure_acceptance(model, tokenizer, start, prompts, max_new_tokens)
+    probs, steps, chain_share = measure_acceptance(model, tokenizer, start, prompts, max_new_tokens)
     nodes = [Node(k, parent_of(k), p) for k, p in zip(template_nodes(start), probs, strict=True)]
-    sel = select_tree(nodes, interpolate(costs), max_nodes=max(sizes) - 1)
+    sel = select_tree(nodes, interpolate(costs), max_nodes=max(sizes) - 1, chain_share=chain_share)
     tree = to_template(sel.nodes, name)
     report = {
         "costs_s": {str(k): v for k, v in costs.items()},
         "past": past,
         "steps": steps,
         "start_tree": start.to_dict(),
+        "retrieval_chain_share_by_depth": chain_share,
         "node_acceptance": [{"node": list(n.key[1]), "kind": n.key[0], "prob": n.prob} for n in nodes],
         "expected_tokens_per_s_by_size": sel.scores,
         "best_size": sel.best_size,

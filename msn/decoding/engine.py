@@ -31,6 +31,7 @@ class GenerateOutput:
     method: str = "tr-jacobi"
     tree: TreeTemplate | None = None
     node_hits: torch.Tensor | None = None  # per template node (root first): steps it was accepted
+    retrieval_lengths: list[int] | None = None  # per step: tokens the retrieval chain drafted (0: no match)
 
     @property
     def mean_accepted(self) -> float:
@@ -163,6 +164,7 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
     if prompt_len > 1:
         model(input_ids=input_ids[:, :-1], use_cache=True, **{kw: cache})
     accept_lengths: list[int] = []
+    chain_lengths: list[int] = []
     root = int(committed[length - 1])
     done = False
     while not done:
@@ -176,6 +178,7 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
             drafts = [jacobi.table.flatten().to(device)] if jacobi is not None else []
             if retrieval is not None:
                 chain = retrieval.draft()
+                chain_lengths.append(len(chain))
                 if chain:
                     chain_t = empty_chain.clone()
                     chain_t[: len(chain)] = torch.tensor(chain, device=device)
@@ -231,4 +234,5 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
         wall_time=wall,
         tree=template,
         node_hits=node_hits,
+        retrieval_lengths=chain_lengths,
     )
