@@ -60,15 +60,24 @@ def spec_bench_path() -> Path:
     return SPEC_BENCH
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M-Instruct in fp32 (converted once from its PyPI package, then cached)."""
+def _load_smollm2(dtype: str):
     from msn import load_model
 
     try:
-        return load_model("smollm2-135m", dtype="fp32")
+        return load_model("smollm2-135m", dtype=dtype)
     except Exception as e:  # pragma: no cover - environment without the asset package
         pytest.skip(f"smollm2-135m preset unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct in fp32 (converted once from its PyPI package, then cached)."""
+    return _load_smollm2("fp32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16():
+    return _load_smollm2("bf16")
 
 
 @pytest.fixture(scope="session")

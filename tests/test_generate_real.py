@@ -59,16 +59,6 @@ def test_fp32_tr_jacobi_is_identical_to_greedy(smollm2, spec_bench_path):
     assert sum(mats) / len(mats) > 1.0, "drafts were accepted at least sometimes"
 
 
-@pytest.fixture(scope="module")
-def smollm2_bf16():
-    from msn import load_model
-
-    try:
-        return load_model("smollm2-135m", dtype="bf16")
-    except Exception as e:  # pragma: no cover - environment without the asset package
-        pytest.skip(f"smollm2-135m preset unavailable: {e}")
-
-
 def test_bf16_divergences_start_at_near_ties(smollm2_bf16, spec_bench_path):
     model, tok = smollm2_bf16
     eos = model.generation_config.eos_token_id
