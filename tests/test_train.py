@@ -83,28 +83,34 @@ def synthetic_samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+class RecordingCollator(MSNCollator):
+    """The MSN collator, keeping each batch next to its clean (un-noised) twin."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[dict, dict]] = []
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        self.seen.append((self.pad(features), batch))
+        return batch
+
+
 def test_hf_trainer_with_msn_collator_lowers_the_loss(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_model("llama").train()
     data = synthetic_samples(32)
     before = heldout_loss(model, data)["loss"]
-    seen = []
-
-    class Recording(MSNCollator):
-        def __call__(self, features):
-            batch = super().__call__(features)
-            seen.append((self.pad(features), batch))
-            return batch
 
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
         report_to="none", save_strategy="no", logging_steps=4, disable_tqdm=True, use_cpu=True,
     )
-    Trainer(model=model, args=args, train_dataset=data, data_collator=Recording(noise=NoiseConfig(), vocab_size=128)).train()
+    Trainer(model=model, args=args, train_dataset=data, data_collator=(rec := RecordingCollator(noise=NoiseConfig(), vocab_size=128))).train()
     after = heldout_loss(model, data)["loss"]
     assert after < before - 0.5, (before, after)
-    clean, noisy = seen[0]
+    clean, noisy = rec.seen[0]
     assert torch.equal(noisy["labels"], clean["labels"])
     changed = noisy["input_ids"] != clean["input_ids"]
     assert changed.any() and not (changed & (clean["labels"] == IGNORE)).any()
@@ -121,22 +127,15 @@ def test_trl_sft_trainer_uses_msn_collator(tmp_path, tiny_dir):
     ds = Dataset.from_list(
         [{"prompt": f"Say the numbers after {i}:", "completion": " " + " ".join(str(i + j) for j in range(1, 12))} for i in range(16)]
     )
-    seen = []
-
-    class Recording(MSNCollator):
-        def __call__(self, features):
-            batch = super().__call__(features)
-            seen.append((self.pad(features), batch))
-            return batch
 
     args = SFTConfig(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, use_cpu=True, max_length=64, learning_rate=1e-3,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=Recording(tok))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=(rec := RecordingCollator(tok)))
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
-    clean, noisy = seen[0]
+    clean, noisy = rec.seen[0]
     prompt = clean["labels"] == IGNORE
     assert prompt.any() and (~prompt).any(), "TRL's completion mask reached the collator as labels"
     assert torch.equal(noisy["labels"], clean["labels"])
