@@ -165,13 +165,43 @@ def test_budget_plans_compare_like_with_like(tmp_path):
             assert len({tuple(a[a.index("--questions"):a.index("--out")]) for a in benches}) == 1
             assert all("ar,pld,jacobi,tr-jacobi" in a and "bf16" in a and "--per-category" in a for a in benches)
         names = {g.name: [v.name for v in g.variants] for g in groups}
-        assert names["general"] == ["base", "sft", "msn-L4", "msn-L4x8", "msn-L1", "msn-L8"]
+        general = next(g for g in groups if g.name == "general")
+        ablation = "x8" if name == "cpu" else ""  # cpu: one segment learns no denoising at that budget
+        assert general.ablation_segments == (8 if name == "cpu" else 1)
+        assert names["general"] == ["base", "sft", "msn-L4", "msn-L4x8", f"msn-L1{ablation}", f"msn-L8{ablation}"]
         assert names["code"][:3] == ["base", "sft", "msn-L4"]
         kinds = [s.kind for s in stages]
         assert kinds == sorted(kinds, key=["train", "quality", "speed"].index)  # benches back to back
     cpu = {g.name: g for g in drv.budget("cpu")}
     assert cpu["general"].model == "smollm2-135m" and cpu["general"].data == "sharegpt"
     assert cpu["code"].model == "qwen2.5-coder-0.5b" and cpu["code"].lora and cpu["code"].humaneval
+
+
+def test_training_uses_every_core_and_benches_their_own_threads(tmp_path, monkeypatch):
+    """Stages run one at a time: training/eval get torch's default threads, benchmarks the fixed --threads."""
+    drv = load_driver()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    groups = drv.budget("toy")[:1]
+    groups[0].variants = [drv.SFT]
+    stages = drv.plan(groups, tmp_path, "q.jsonl", 1, None, False)
+    seen: dict[str, str | None] = {}
+
+    def fake_launch(st, log, env, verbose):  # writes what the real command would, so the next stage runs
+        seen[st.id] = env.get("OMP_NUM_THREADS")
+        assert env["PYTHONUNBUFFERED"] == "1"
+        body = {"train": {"steps": 10**6}, "speed": {"status": "complete", "questions": 1}}.get(
+            st.kind, {"loss": 1.0, "acc": 0.1})
+        drv.write_json(st.output, body)
+        return 0
+
+    monkeypatch.setattr(drv, "launch_subprocess", fake_launch)
+    result = drv.run_stages(stages, tmp_path, "subprocess", 1, False, False, train_threads=None)
+    assert result["counts"] == {"ran": 4, "skipped": 0, "failed": 0, "blocked": 0}
+    assert seen == {"train:general-sft": None, "quality:general-sft:heldout-loss": None,
+                    "quality:general-sft:denoise": None, "speed:general-sft": "1"}
+    again = drv.plan(groups, tmp_path / "again", "q.jsonl", 1, None, False)
+    drv.run_stages(again, tmp_path / "again", "subprocess", 1, False, False, train_threads=2)
+    assert seen["train:general-sft"] == "2" and seen["speed:general-sft"] == "1"
 
 
 def _summary(speedups: dict[str, dict[str, float]], mats: dict[str, float]) -> dict:
