@@ -289,7 +289,7 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 def launch_subprocess(stage: Stage, log: Path, env: dict[str, str], verbose: bool) -> int:
     cmd = [sys.executable, "-m", "msn.cli", *stage.argv]
-    with open(log, "a", encoding="utf-8") as f:
+    with open(log, "a", encoding="utf-8", buffering=1) as f:  # line-buffered: tail -f the log while it runs
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
