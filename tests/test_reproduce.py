@@ -110,6 +110,9 @@ def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
     assert t["side_by_side"]["code"][0]["humaneval_pass_at_1"] is not None
     assert set(t["decoders"]["general"]) == {"pld", "jacobi", "tr-jacobi"}
     assert [r["length"] for r in t["noise_length_ablation"]] == [1, 4]
+    paired = t["paired_vs_sft"]["general"]
+    assert set(paired) == {"general-base", "general-msn-L4", "general-msn-L1"}
+    assert all(p["jacobi"]["n"] == 2 for p in paired.values())
     retr = t["retrieval_ablation"]["general"]["general-msn-L4"]
     assert set(retr["categories"]) == {"writing", "qa"} and retr["n"] == 2
     claims = {(c["claim"], c["variant"]): c for c in t["claims"]}
@@ -121,6 +124,7 @@ def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
 
     md = (out / "report.md").read_text()
     for heading in ("### Quality and speed side by side", "### Retrieval ablation", "## Noise-length ablation",
+                    "MAT per question against plain SFT (paired)",
                     "## The paper's claims", "## How to reproduce", "## Denoising accuracy during training"):
         assert heading in md
     assert "msn train --model" in md and "--resume" in md and "msn bench --model" in md
@@ -290,3 +294,23 @@ def test_skip_stale_and_blocked_stages(tmp_path, monkeypatch):
               drv.Stage("speed:b", "speed", "b", ["bench"], tmp_path / "c.json", done, needs="train:b")]
     res = drv.run_stages(broken, tmp_path, "subprocess", None, False, False)
     assert ran == ["train:b"] and res["status"] == {"train:b": "failed", "speed:b": "blocked"}
+
+
+def test_paired_per_question_comparison(tmp_path):
+    """MAT per question from answer files, then paired differences with a bootstrap interval."""
+    drv = load_driver()
+    answers = tmp_path / "jacobi.jsonl"
+    rows = [{"question_id": 1, "choices": [{"new_tokens": [8, 4], "decoding_steps": [4, 2]}]},
+            {"question_id": 2, "choices": [{"new_tokens": [9], "decoding_steps": [9]}]}]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    assert drv._per_question_mat(answers) == {"1": 2.0, "2": 1.0}
+    assert drv._per_question_mat(tmp_path / "missing.jsonl") == {}
+
+    a = {str(i): 1.5 + 0.01 * i for i in range(20)}
+    b = {str(i): 1.4 for i in range(20)} | {"extra": 9.0}  # only shared questions count
+    r = drv.paired(a, b)
+    assert r["n"] == 20 and r["wins"] == 20 and r["losses"] == 0
+    assert r["ci95"][0] <= r["mean"] <= r["ci95"][1] and r["ci95"][0] > 0
+    flipped = drv.paired(b, a)
+    assert flipped["mean"] == pytest.approx(-r["mean"]) and flipped["losses"] == 20
+    assert drv.paired({"1": 1.0}, {"2": 1.0}) is None

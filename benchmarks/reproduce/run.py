@@ -455,9 +455,41 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
                                                        "load_average_start", "load_average_end")},
                     "overall": {m: e["overall"] for m, e in summ["methods"].items()},
                     "per_category": {m: e["categories"] for m, e in summ["methods"].items()},
+                    "per_question_mat": {m: _per_question_mat(bdir / "answers" / f"{m}.jsonl")
+                                         for m in summ["methods"]},
                 }
             variants[vid] = entry
     return variants
+
+
+def _per_question_mat(path: Path) -> dict[str, float]:
+    """question_id -> new tokens / decoding steps over all turns of one answer file (Spec-Bench answer JSONL)."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
+                c = json.loads(line)["choices"][0]
+                out[str(json.loads(line)["question_id"])] = sum(c["new_tokens"]) / sum(c["decoding_steps"])
+    return out
+
+
+def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict[str, Any] | None:
+    """Per-question differences a - b on the questions both answered: mean, 95% bootstrap CI, wins/losses.
+
+    Each model writes its own text, so a model-level MAT mixes "better drafts" with "easier text"; pairing by
+    question and reporting the spread says whether a difference is larger than that question-to-question noise.
+    """
+    import random
+
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    d = [a[k] - b[k] for k in keys]
+    rng = random.Random(0)
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
+    return {"n": len(d), "mean": sum(d) / len(d), "ci95": (means[int(0.025 * resamples)],
+                                                          means[int(0.975 * resamples) - 1]),
+            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)}
 
 
 def _train_log(history: Any) -> list[dict[str, Any]]:
@@ -494,7 +526,7 @@ def _noise_label(entry: dict) -> str:
 
 
 def tables(groups: Sequence[Group], variants: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"side_by_side": {}, "decoders": {}, "noise_length_ablation": [],
+    out: dict[str, Any] = {"side_by_side": {}, "decoders": {}, "noise_length_ablation": [], "paired_vs_sft": {},
                            "retrieval_ablation": {}, "claims": [], "training_curves": {}, "bench_runs": []}
     for g in groups:
         rows = []
@@ -535,6 +567,12 @@ def tables(groups: Sequence[Group], variants: dict[str, Any]) -> dict[str, Any]:
                          "overall": {"jacobi": _speed(variants[vid], "jacobi"),
                                      "tr-jacobi": _speed(variants[vid], "tr-jacobi")}}
         out["retrieval_ablation"][g.name] = retr
+        sft_speed = (variants.get(f"{g.name}-sft") or {}).get("speed")
+        if sft_speed:
+            out["paired_vs_sft"][g.name] = {
+                vid: {m: paired(variants[vid]["speed"]["per_question_mat"].get(m, {}),
+                                sft_speed["per_question_mat"].get(m, {})) for m in METHODS if m != "ar"}
+                for vid in ids if vid != f"{g.name}-sft" and variants[vid].get("speed")}
         for vid in ids:
             e = variants[vid]
             if e["train"] and e["train"].get("log"):
@@ -692,8 +730,23 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
                 L.append(f"| {c} | " + " | ".join(cells) + " |")
             L.append("| **helped** | " + " | ".join(f"{r['helped']}/{r['n']}" for r in retr.values()) + " |")
         L.append("")
+    for gname, rows in t["paired_vs_sft"].items():
+        if not rows:
+            continue
+        L += [f"## {gname}: MAT per question against plain SFT (paired)", "",
+              "Each model writes its own answers, so its MAT mixes better drafts with easier (more repetitive) text. "
+              "Per question: this model's MAT minus plain SFT's; mean, 95% bootstrap interval, questions won/lost.", "",
+              "| variant | " + " | ".join(m for m in METHODS if m != "ar") + " |",
+              "|---|" + "---:|" * (len(METHODS) - 1)]
+        for vid, per in rows.items():
+            cells = ["n/a" if not r else f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] "
+                     f"{r['wins']}/{r['losses']} of {r['n']}" for r in per.values()]
+            L.append(f"| {vid} | " + " | ".join(cells) + " |")
+        L.append("")
     if t["noise_length_ablation"]:
-        L += ["## Noise-length ablation (one segment per sample, same data/steps/seed)", "",
+        segs = sorted({r["segments"] for r in t["noise_length_ablation"]})
+        per = " / ".join(f"{n} segment{'s' if n > 1 else ''}" for n in segs)
+        L += [f"## Noise-length ablation ({per} per sample, same data/steps/seed)", "",
               "| variant | L | denoise acc | held-out loss | next-token acc | jacobi MAT | tr-jacobi MAT | tr-jacobi speed-up |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in t["noise_length_ablation"]:
