@@ -332,7 +332,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="run folder: checkpoints, final model, msn.json")
     p.add_argument("--noise", default=d.noise, help="ahead (default) | uniform | none (plain SFT, the control)")
     p.add_argument("--noise-length", type=int, default=d.noise_length, help="positions per noise segment (default 4)")
-    p.add_argument("--noise-segments", type=int, default=d.noise_segments, help="segments per sample (default 1)")
+    p.add_argument("--noise-segments", type=int, default=d.noise_segments, help="segments per sample (default 1, the paper's; 8 learns denoising "
+                   "faster on short runs at ~3%% held-out loss: docs/results.md section 8)")
     p.add_argument("--noise-prob", type=float, default=d.noise_prob, help="chance a sample is noised (default 1)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (all linear layers) instead of all weights")
     p.add_argument("--lora-r", type=int, default=d.lora_r)

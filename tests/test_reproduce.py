@@ -113,6 +113,7 @@ def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
     paired = t["paired_vs_sft"]["general"]
     assert set(paired) == {"general-base", "general-msn-L4", "general-msn-L1"}
     assert all(p["jacobi"]["n"] == 2 for p in paired.values())
+    assert all(r["jacobi_mat_vs_sft"]["n"] == 2 for r in t["noise_length_ablation"])
     retr = t["retrieval_ablation"]["general"]["general-msn-L4"]
     assert set(retr["categories"]) == {"writing", "qa"} and retr["n"] == 2
     claims = {(c["claim"], c["variant"]): c for c in t["claims"]}
