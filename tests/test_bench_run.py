@@ -62,6 +62,12 @@ def test_answer_has_spec_bench_fields(model, tok):
             assert len(c["accept_lengths"]) == sum(c["decoding_steps"])
         if method == "ar":
             assert c["decoding_steps"] == c["new_tokens"]
+        if method == "tr-jacobi":  # per step, aligned with accept_lengths, never more than the step accepted
+            for key in ("jacobi_accepted", "retrieval_accepted"):
+                assert len(c[key]) == len(c["accept_lengths"])
+                assert all(0 <= x <= a for x, a in zip(c[key], c["accept_lengths"], strict=True))
+        else:
+            assert c["jacobi_accepted"] is None and c["retrieval_accepted"] is None
 
 
 def test_lossless_methods_match_ar_in_fp32(model, tok):

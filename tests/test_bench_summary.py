@@ -75,6 +75,19 @@ def test_required_shape(answers):
     json.dumps(s)  # serialisable
 
 
+def test_accepted_drafts_by_source_pooled_over_steps(answers):
+    tr = answers["tr-jacobi"]
+    for r, (jac, ret) in zip(tr, [([1] * 5, [0] * 5), ([3] * 5, [3] * 5), ([0] * 30, [1] * 30)], strict=True):
+        r["choices"][0]["jacobi_accepted"], r["choices"][0]["retrieval_accepted"] = jac, ret
+    s = summarize(answers)
+    o = s["methods"]["tr-jacobi"]["overall"]
+    assert o["jacobi_per_step"] == pytest.approx((5 + 15) / 40)
+    assert o["retrieval_per_step"] == pytest.approx((15 + 30) / 40)
+    assert s["methods"]["tr-jacobi"]["categories"]["qa"]["jacobi_per_step"] == pytest.approx(20 / 10)
+    assert s["methods"]["ar"]["overall"]["jacobi_per_step"] is None  # not recorded: unknown, not zero
+    assert "| 0.50 / 1.12 |" in to_markdown(s)
+
+
 def test_mat_unknown_without_steps(answers):
     for r in answers["pld"]:
         r["choices"][0]["decoding_steps"] = [None]

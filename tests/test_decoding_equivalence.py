@@ -76,6 +76,22 @@ def check_stop_rules(out, prompt_len: int, n: int, eos: set[int]) -> None:
         assert new[-1] in eos, "stopped early without EOS"
 
 
+def check_sources(out, method: str) -> None:
+    """Every accepted draft token is credited to the node kind(s) that drafted it, and only to those."""
+    if out.tree.size == 0:  # ar, or a method whose part of the tree is empty: plain decoding
+        assert out.jacobi_accepted is None and out.retrieval_accepted is None
+        return
+    steps = zip(out.accept_lengths, out.jacobi_accepted, out.retrieval_accepted, strict=True)
+    for i, (a, j, r) in enumerate(steps):
+        last = i == out.steps - 1
+        drafts = (a - 1, a) if last else (a - 1,)  # the last step may be cut before its bonus token
+        assert any(max(j, r) <= k <= j + r for k in drafts), (a, j, r)
+        if method == "jacobi":
+            assert r == 0 and j in drafts
+        if method == "retrieval":
+            assert j == 0 and r in drafts
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -103,6 +119,7 @@ def test_every_method_equals_greedy_generate(family, prompt, tree, n, eos_choice
         )
         assert_equal_or_near_tie(model, ref, out.sequences, f"{family}/{method}/{tree}")
         check_stop_rules(out, len(prompt), n, eos_set)
+        check_sources(out, method)
         if method == "ar":
             assert out.accept_lengths == [1] * out.new_tokens
 
@@ -120,6 +137,7 @@ def test_eos_inside_an_accepted_path_cuts_the_rest():
     hits = free.node_hits.tolist()
     assert hits[0] == 0 and all(a >= b for a, b in zip(hits[1:], hits[2:], strict=False))
     assert sum(hits) == free.new_tokens - free.steps
+    assert sum(free.retrieval_accepted) == sum(hits) and not any(free.jacobi_accepted)
     new = free.sequences[0, ids.shape[1] :].tolist()
     # the EOS is the middle token of a multi-token step
     start = 0

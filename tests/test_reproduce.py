@@ -109,6 +109,8 @@ def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
     assert [r["variant"] for r in t["side_by_side"]["general"]] == ids[:4]
     assert t["side_by_side"]["code"][0]["humaneval_pass_at_1"] is not None
     assert set(t["decoders"]["general"]) == {"pld", "jacobi", "tr-jacobi"}
+    tr = t["decoders"]["general"]["tr-jacobi"]["general-msn-L4"]
+    assert tr["jacobi_per_step"] + tr["retrieval_per_step"] >= tr["mat"] - 1 >= 0  # every accepted draft credited
     assert [r["length"] for r in t["noise_length_ablation"]] == [1, 4]
     paired = t["paired_vs_sft"]["general"]
     assert set(paired) == {"general-base", "general-msn-L4", "general-msn-L1"}
@@ -128,6 +130,7 @@ def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
                     "MAT per question against plain SFT (paired)",
                     "## The paper's claims", "## How to reproduce", "## Denoising accuracy during training"):
         assert heading in md
+    assert "| tr-jacobi: accepted drafts per step by Jacobi / retrieval |" in md
     assert "msn train --model" in md and "--resume" in md and "msn bench --model" in md
     assert (out / "report.png").stat().st_size > 1000
     # finished training runs keep only their last checkpoint

@@ -421,6 +421,12 @@ def _sx(stats: dict | None) -> str:
     return f"{_fmt(stats.get('speedup'), '.2f', 'x')} (MAT {_fmt(stats.get('mat'), '.2f')})"
 
 
+def _sources(stats: dict | None) -> str:
+    """'0.21 / 0.85': accepted draft tokens per step a Jacobi node / the retrieval chain drafted."""
+    j, r = (stats or {}).get("jacobi_per_step"), (stats or {}).get("retrieval_per_step")
+    return "n/a" if j is None or r is None else f"{j:.2f} / {r:.2f}"
+
+
 def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
     """Everything the report shows, read from the files the msn commands wrote."""
     variants: dict[str, Any] = {}
@@ -719,6 +725,10 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
         L.append("|---|" + "---:|" * len(vids))
         for m, by in dec.items():
             L.append(f"| {m} | " + " | ".join(_sx(by[v]) for v in vids) + " |")
+        tr = dec.get("tr-jacobi", {})
+        if any((tr.get(v) or {}).get("jacobi_per_step") is not None for v in vids):
+            L.append("| tr-jacobi: accepted drafts per step by Jacobi / retrieval | "
+                     + " | ".join(_sources(tr.get(v)) for v in vids) + " |")
         retr = t["retrieval_ablation"][g.name]
         if retr:
             cats = list(dict.fromkeys(c for r in retr.values() for c in r["categories"]))

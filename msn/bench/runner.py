@@ -47,6 +47,8 @@ class TurnResult:
     wall_time: float
     steps: int | None  # forward passes; for pld counted with a forward hook
     accept_lengths: list[int] | None  # per step, bonus included; None where the decoder does not expose it
+    jacobi_accepted: list[int] | None = None  # per step: accepted drafts a Jacobi node drafted (tree methods)
+    retrieval_accepted: list[int] | None = None  # per step: accepted drafts the retrieval chain drafted
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -107,7 +109,16 @@ def run_turn(
         return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, counter.calls, None)
     out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos)
     new = out.sequences[0, input_ids.shape[1]:]
-    return TurnResult(_decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths))
+    return TurnResult(
+        _decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths),
+        out.jacobi_accepted, out.retrieval_accepted,
+    )
+
+
+def _per_step(turns: Sequence[TurnResult], field: str) -> list[int] | None:
+    """A per-step list over all turns, or None when some turn does not record it."""
+    values = [getattr(t, field) for t in turns]
+    return None if any(v is None for v in values) else [x for v in values for x in v]
 
 
 def _decode(tokenizer, ids: torch.Tensor) -> str:
@@ -126,7 +137,6 @@ def answer_question(
         result = run_turn(model, tokenizer, method, encode_chat(tokenizer, messages), max_new_tokens, tree, eos)
         messages.append({"role": "assistant", "content": result.text})
         turns.append(result)
-    accept = None if any(t.accept_lengths is None for t in turns) else [a for t in turns for a in t.accept_lengths]
     return {
         "question_id": question.question_id,
         "category": question.category,
@@ -140,7 +150,9 @@ def answer_question(
                 "new_tokens": [t.new_tokens for t in turns],
                 "wall_time": [t.wall_time for t in turns],
                 "decoding_steps": [t.steps for t in turns],
-                "accept_lengths": accept,
+                "accept_lengths": _per_step(turns, "accept_lengths"),
+                "jacobi_accepted": _per_step(turns, "jacobi_accepted"),
+                "retrieval_accepted": _per_step(turns, "retrieval_accepted"),
             }
         ],
         "tstamp": time.time(),

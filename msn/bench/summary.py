@@ -3,7 +3,9 @@
 Per answer, speed = sum of new tokens / sum of wall time over its turns; a method's tokens/s is the mean of
 its answers' speeds (Spec-Bench's ``speed.py``), speedup = that mean / the baseline's over the same
 questions, MAT = mean accepted tokens per decoding step (bonus included; pooled over all steps), and
-identical_rate = share of questions whose every turn's text equals the baseline's. Only questions that
+identical_rate = share of questions whose every turn's text equals the baseline's. For tree methods,
+jacobi/retrieval per step = accepted draft tokens per step that a Jacobi node / the retrieval chain drafted
+(a token both drafted counts for both): where tr-jacobi's speed-up comes from. Only questions that
 every method finished count, so an interrupted run still compares like with like.
 """
 
@@ -70,6 +72,15 @@ def _mat(recs: Sequence[dict]) -> float | None:
     return None
 
 
+def _source_per_step(recs: Sequence[dict], field: str) -> float | None:
+    """Pooled accepted draft tokens per step from one source; None unless every answer records it."""
+    values = [_choice(r).get(field) for r in recs]
+    if not values or any(v is None for v in values):
+        return None
+    steps = sum(len(v) for v in values)
+    return sum(map(sum, values)) / steps if steps else None
+
+
 def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
     speeds = [answer_speed(r) for r in recs]
     tps = sum(speeds) / len(speeds)
@@ -78,6 +89,8 @@ def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
         "speedup": None,
         "mat": _mat(recs),
         "identical_rate": None,
+        "jacobi_per_step": _source_per_step(recs, "jacobi_accepted"),
+        "retrieval_per_step": _source_per_step(recs, "retrieval_accepted"),
         "answers": len(recs),
         "new_tokens": sum(sum(_choice(r)["new_tokens"]) for r in recs),
         "wall_time": sum(sum(_choice(r)["wall_time"]) for r in recs),
@@ -129,12 +142,16 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 
 def overall_table(summary: Mapping) -> str:
     base = summary.get("baseline") or BASELINE
-    lines = [f"| method | tokens/s | speedup | MAT | identical to {base} |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| method | tokens/s | speedup | MAT | identical to {base} | drafted by Jacobi / retrieval |",
+             "|---|---:|---:|---:|---:|---:|"]
     for m, e in summary["methods"].items():
         o = e["overall"]
+        j, r = o.get("jacobi_per_step"), o.get("retrieval_per_step")
+        sources = "–" if j is None or r is None else f"{j:.2f} / {r:.2f}"
         lines.append(
             f"| {m} | {_fmt(o['tokens_per_s'], '.1f')} | {_fmt(o['speedup'], '.2f', 'x')} | "
-            f"{_fmt(o['mat'], '.2f')} | {_fmt(None if o['identical_rate'] is None else 100 * o['identical_rate'], '.0f', '%')} |"
+            f"{_fmt(o['mat'], '.2f')} | {_fmt(None if o['identical_rate'] is None else 100 * o['identical_rate'], '.0f', '%')} "
+            f"| {sources} |"
         )
     return "\n".join(lines)
 
@@ -168,7 +185,9 @@ def to_markdown(summary: Mapping) -> str:
              "## Per category: speedup vs " + str(summary.get("baseline") or BASELINE) + " (tokens/s, MAT)", "",
              category_table(summary), "",
              "Speed = new tokens / wall time (prefill included) per answer, averaged over answers; "
-             "MAT = mean accepted tokens per decoding step, bonus token included (Spec-Bench conventions).", ""]
+             "MAT = mean accepted tokens per decoding step, bonus token included (Spec-Bench conventions); "
+             "drafted by Jacobi / retrieval = accepted draft tokens per step each source drafted (a token both "
+             "drafted counts for both).", ""]
     return "\n".join(parts)
 
 

@@ -32,6 +32,10 @@ class GenerateOutput:
     tree: TreeTemplate | None = None
     node_hits: torch.Tensor | None = None  # per template node (root first): steps it was accepted
     retrieval_lengths: list[int] | None = None  # per step: tokens the retrieval chain drafted (0: no match)
+    # Per step: accepted draft tokens that a Jacobi node / a retrieval node drafted (a token both drafted,
+    # merged siblings, counts for both). None without draft nodes (``ar``). Says which source the speed-up came from.
+    jacobi_accepted: list[int] | None = None
+    retrieval_accepted: list[int] | None = None
 
     @property
     def mean_accepted(self) -> float:
@@ -165,6 +169,8 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
         model(input_ids=input_ids[:, :-1], use_cache=True, **{kw: cache})
     accept_lengths: list[int] = []
     chain_lengths: list[int] = []
+    by_source: tuple[list[int], list[int]] | None = None if buf.num_nodes == 1 else ([], [])
+    n_jacobi = len(template.jacobi)
     root = int(committed[length - 1])
     done = False
     while not done:
@@ -212,6 +218,11 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
             if t in eos:
                 new, done = new[: i + 1], True
                 break
+        if by_source is not None:
+            kept = acc.accepted[: len(new)].tolist()  # drafts that survived the EOS / budget cut
+            supplier = tree_step.compact_of[1:].tolist()  # template node (root excluded) -> step token
+            for counts, nodes in zip(by_source, (supplier[:n_jacobi], supplier[n_jacobi:]), strict=True):
+                counts.append(len(set(kept) & set(nodes)))
         committed[length : length + len(new)] = torch.tensor(new, device=device)
         length += len(new)
         accept_lengths.append(len(new))
@@ -235,4 +246,6 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
         tree=template,
         node_hits=node_hits,
         retrieval_lengths=chain_lengths,
+        jacobi_accepted=by_source[0] if by_source else None,
+        retrieval_accepted=by_source[1] if by_source else None,
     )
