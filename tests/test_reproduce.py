@@ -115,6 +115,7 @@ def test_toy_budget_end_to_end_then_resume(toy_inputs, tmp_path):
     paired = t["paired_vs_sft"]["general"]
     assert set(paired) == {"general-base", "general-msn-L4", "general-msn-L1"}
     assert all(p["jacobi"]["n"] == 2 for p in paired.values())
+    assert all(p["tr-jacobi, Jacobi-drafted"]["n"] == 2 for p in paired.values())
     assert all(r["jacobi_mat_vs_sft"]["n"] == 2 for r in t["noise_length_ablation"])
     retr = t["retrieval_ablation"]["general"]["general-msn-L4"]
     assert set(retr["categories"]) == {"writing", "qa"} and retr["n"] == 2
@@ -304,10 +305,12 @@ def test_paired_per_question_comparison(tmp_path):
     """MAT per question from answer files, then paired differences with a bootstrap interval."""
     drv = load_driver()
     answers = tmp_path / "jacobi.jsonl"
-    rows = [{"question_id": 1, "choices": [{"new_tokens": [8, 4], "decoding_steps": [4, 2]}]},
+    rows = [{"question_id": 1, "choices": [{"new_tokens": [8, 4], "decoding_steps": [4, 2],
+                                            "jacobi_accepted": [1, 0, 0, 1, 1, 0]}]},
             {"question_id": 2, "choices": [{"new_tokens": [9], "decoding_steps": [9]}]}]
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
     assert drv._per_question_mat(answers) == {"1": 2.0, "2": 1.0}
+    assert drv._per_question_mat(answers, "jacobi_accepted") == {"1": 0.5}  # q2 predates the per-source counts
     assert drv._per_question_mat(tmp_path / "missing.jsonl") == {}
 
     a = {str(i): 1.5 + 0.01 * i for i in range(20)}
