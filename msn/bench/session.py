@@ -80,7 +80,9 @@ def _load(cfg: BenchConfig, device: str):
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> BenchResult:
     """Run ``cfg``; a preloaded ``model``/``tokenizer`` skips loading (tests, demo reuse)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from msn.progress import progress as make_progress
 
     console = console or Console(stderr=True)
     device = pick_device(cfg.device)
@@ -111,9 +113,9 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     speeds: dict[str, list[float]] = {m: [] for m in cfg.methods}
     done = 0
     interrupted = False
-    progress = Progress(
-        TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[speedups]}"), console=console, transient=False,
+    progress = make_progress(
+        "bench", TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[speedups]}"), console=console, fields="{speedups}",
     )
 
     def running_speedups() -> str:

@@ -136,10 +136,12 @@ def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, method: str, 
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("[bold]HumanEval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
+    from msn.progress import progress
+
+    return progress("HumanEval", TextColumn("[bold]HumanEval[/] {task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), enabled=enabled)
 
 
 @torch.inference_mode()
