@@ -126,7 +126,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
 
     try:
         with progress:
-            task = progress.add_task("bench", total=len(cfg.questions), speedups="warming up")
+            task = progress.add_task("", total=len(cfg.questions), speedups="warming up")
 
             def on_question(q: Question, records: dict[str, dict]) -> None:
                 nonlocal done
