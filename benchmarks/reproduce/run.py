@@ -483,9 +483,11 @@ def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, fl
             with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
                 rec = json.loads(line)
                 c = rec["choices"][0]
-                per_step = c[drafted_by] if drafted_by else None
-                out[str(rec["question_id"])] = (sum(per_step) / len(per_step) if drafted_by
-                                                else sum(c["new_tokens"]) / sum(c["decoding_steps"]))
+                if drafted_by:
+                    value = sum(c[drafted_by]) / len(c[drafted_by])
+                else:
+                    value = sum(c["new_tokens"]) / sum(c["decoding_steps"])
+                out[str(rec["question_id"])] = value
     return out
 
 

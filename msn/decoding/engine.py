@@ -219,10 +219,10 @@ def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> 
                 new, done = new[: i + 1], True
                 break
         if by_source is not None:
-            kept = acc.accepted[: len(new)].tolist()  # drafts that survived the EOS / budget cut
+            kept = set(acc.accepted[: len(new)].tolist())  # drafts that survived the EOS / budget cut
             supplier = tree_step.compact_of[1:].tolist()  # template node (root excluded) -> step token
             for counts, nodes in zip(by_source, (supplier[:n_jacobi], supplier[n_jacobi:]), strict=True):
-                counts.append(len(set(kept) & set(nodes)))
+                counts.append(len(kept.intersection(nodes)))
         committed[length : length + len(new)] = torch.tensor(new, device=device)
         length += len(new)
         accept_lengths.append(len(new))
