@@ -38,7 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions (default: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
-    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench); a rerun into the "
+                   "same folder resumes, skipping questions already answered")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the bench in --out (deletes only the files a bench writes there)")
 
 
 def validate(args: argparse.Namespace) -> tuple[list[qs.Question], list[str]]:
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=args.warmup,
-        command=command_line(), threads=args.threads,
+        command=command_line(), threads=args.threads, overwrite=args.overwrite,
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

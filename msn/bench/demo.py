@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first K of the 12 prompts")
     p.add_argument("--tree", default=None, help="tree preset name or JSON file (e.g. from msn tune-tree)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo); a rerun resumes it")
+    p.add_argument("--overwrite", action="store_true", help="measure again from scratch into --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=1,
-        command=command_line(), threads=args.threads,
+        command=command_line(), threads=args.threads, overwrite=args.overwrite,
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

@@ -2,6 +2,12 @@
 
 Shared by ``msn bench`` and ``msn demo``. Answers are appended question by question, so Ctrl-C (or a
 crash) leaves every finished question on disk; the summary is then written from those.
+
+The output folder is never clobbered: ``bench.json`` records the settings of the run that owns it, and a
+rerun into the same ``--out`` resumes -- it skips every question a method has already answered and
+appends the rest -- as long as model, dtype, device, tree and token budget are the same (otherwise it
+refuses, naming the setting). A non-empty folder without ``bench.json`` is refused. ``--overwrite``
+deletes only the files a bench writes, and only once the model has loaded.
 """
 
 from __future__ import annotations
@@ -23,8 +29,13 @@ from msn.bench.plot import plot_speedup
 from msn.bench.questions import Question
 from msn.bench.summary import BASELINE, answers_path, summarize_dir, write_summary
 from msn.decoding.tree import TreeTemplate, resolve_tree
-from msn.errors import MsnError
+from msn.errors import InputError, MsnError
 from msn.models import parse_dtype
+from msn.outputs import atomic_write_text, check_output_dir
+
+BENCH_FILE = "bench.json"  # the settings of the run that owns the folder; written before any answer
+REPORT_FILES = ("summary.json", "summary.md", "speedup.png")
+SETTINGS = ("model", "dtype", "device", "max_new_tokens", "tree")
 
 
 @dataclass
@@ -40,6 +51,7 @@ class BenchConfig:
     warmup: int = 1
     command: str | None = None
     threads: int | None = None  # torch intra-op threads; 1 avoids collapse on an oversubscribed CPU
+    overwrite: bool = False  # replace the bench in ``out`` instead of resuming it
 
 
 @dataclass
@@ -53,7 +65,9 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MsnError(f"device {device!r} requested but CUDA is not available")
+        raise MsnError(f"device {device!r} requested but CUDA is not available; use --device cpu (or auto)")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto", field="device")
     return device
 
 
@@ -77,6 +91,99 @@ def _load(cfg: BenchConfig, device: str):
     return load_model(cfg.model, dtype=cfg.dtype, device=device)
 
 
+def _model_key(model: str) -> str:
+    """The same model named two ways (``runs/x`` and ``./runs/x/``) is the same model."""
+    return str(Path(model).resolve()) if os.path.isdir(model) else model
+
+
+def bench_settings(cfg: BenchConfig, device: str, tree: TreeTemplate) -> dict:
+    return {"model": cfg.model, "dtype": cfg.dtype, "device": device, "max_new_tokens": cfg.max_new_tokens,
+            "tree": tree.to_dict()}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for key in SETTINGS:
+        a, b = old.get(key), new.get(key)
+        same = _model_key(str(a)) == _model_key(str(b)) if key == "model" else a == b
+        if not same:
+            shown = (a, b) if key != "tree" else (_tree_name(a), _tree_name(b))
+            diffs.append(f"{key} {shown[0]!r} -> {shown[1]!r}")
+    return diffs
+
+
+def _tree_name(t) -> str:
+    if isinstance(t, dict):
+        return f"{t.get('name', '?')} ({len(t.get('jacobi', []))} Jacobi nodes, retrieval {t.get('retrieval')})"
+    return str(t)
+
+
+def plan_out(out: Path, settings: dict, overwrite: bool) -> str:
+    """``fresh``, ``resume`` or ``overwrite``; refuses (InputError) before anything is loaded or written."""
+    check_output_dir(out, "--out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return "fresh"
+    if overwrite:
+        return "overwrite"
+    record = out / BENCH_FILE
+    if not record.is_file():
+        raise InputError(f"{out} is not empty and holds no msn bench ({BENCH_FILE} missing); choose an empty or "
+                         "new --out, or pass --overwrite to replace the bench files in it", field="out")
+    try:
+        old = json.loads(record.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{record} is unreadable; pass --overwrite to start this bench again", field="out") from None
+    diffs = _differences(old, settings)
+    if diffs:
+        raise InputError(f"{out} holds a bench with other settings ({'; '.join(diffs)}); rerun with the recorded "
+                         "settings to resume it, choose another --out, or pass --overwrite", field="out")
+    return "resume"
+
+
+def _owned_files(out: Path) -> list[Path]:
+    files = [out / BENCH_FILE, *(out / f for f in REPORT_FILES)]
+    files += [answers_path(out, m) for m in runner.BENCH_METHODS]
+    return files
+
+
+def clear_bench(out: Path) -> None:
+    """Delete what a bench writes, nothing else (a folder of other files keeps them)."""
+    for f in _owned_files(out):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+    with contextlib.suppress(OSError):
+        (out / "answers").rmdir()  # only when empty
+
+
+def answered(path: Path) -> set:
+    """Question ids in an answers file. A torn last line (a kill mid-write) is cut off; a malformed
+    line elsewhere is an error naming it."""
+    if not path.is_file():
+        return set()
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    ids, good = set(), 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            ids.add(_qid_key(json.loads(line)["question_id"]))
+        except (ValueError, KeyError, TypeError):
+            if lineno == len(lines):  # no newline after it: the write was cut short
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                break
+            raise InputError("malformed answer record; delete the line or pass --overwrite",
+                             where=f"{path}:{lineno}") from None
+        good += len(line) + 1
+    return ids
+
+
+def _qid_key(qid) -> str:
+    return json.dumps(qid)
+
+
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> BenchResult:
     """Run ``cfg``; a preloaded ``model``/``tokenizer`` skips loading (tests, demo reuse)."""
     from rich.console import Console
@@ -89,12 +196,31 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tree = resolve_bench_tree(cfg.tree, device, cfg.dtype)
+    out = Path(cfg.out)
+    settings = bench_settings(cfg, device, tree)
+    mode = plan_out(out, settings, cfg.overwrite)
+    if mode == "resume":  # read (and check) what is there before the model loads
+        for m in cfg.methods:
+            answered(answers_path(out, m))
     if model is None:
         console.print(f"loading {cfg.model} ({cfg.dtype}, {device}) ...")
         model, tokenizer = _load(cfg, device)
-    out = Path(cfg.out)
+    if mode == "overwrite":
+        clear_bench(out)
     (out / "answers").mkdir(parents=True, exist_ok=True)
-    files = {m: open(answers_path(out, m), "w", encoding="utf-8") for m in cfg.methods}  # noqa: SIM115
+    runs = []
+    if mode == "resume":
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            runs = list(json.loads((out / BENCH_FILE).read_text(encoding="utf-8")).get("runs", []))
+    runs.append({"started": _now(), "command": cfg.command, "methods": list(cfg.methods)})
+    atomic_write_text(out / BENCH_FILE, json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+    done_ids = {m: answered(answers_path(out, m)) for m in cfg.methods}
+    todo = [(q, [m for m in cfg.methods if _qid_key(q.question_id) not in done_ids[m]]) for q in cfg.questions]
+    todo = [(q, ms) for q, ms in todo if ms]
+    if mode == "resume":
+        kept = len(cfg.questions) - len(todo)
+        console.print(f"resuming {out}: {kept} of {len(cfg.questions)} questions already answered by every method")
+    files = {m: open(answers_path(out, m), "a", encoding="utf-8") for m in cfg.methods}  # noqa: SIM115
     meta = {
         "model": cfg.model,
         "dtype": cfg.dtype,
@@ -126,7 +252,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
 
     try:
         with progress:
-            task = progress.add_task("", total=len(cfg.questions), speedups="warming up")
+            task = progress.add_task("", total=len(todo), speedups="warming up")
 
             def on_question(q: Question, records: dict[str, dict]) -> None:
                 nonlocal done
@@ -138,10 +264,17 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
                 done += 1
                 progress.update(task, advance=1, speedups=running_speedups())
 
-            runner.run_questions(
-                model, tokenizer, cfg.questions, cfg.methods, cfg.max_new_tokens, on_question,
-                tree=tree, model_id=Path(cfg.model).name, warmup=cfg.warmup,
-            )
+            # Consecutive questions that miss the same methods run as one interleaved group.
+            start = 0
+            while start < len(todo):
+                end = start
+                while end < len(todo) and todo[end][1] == todo[start][1]:
+                    end += 1
+                runner.run_questions(
+                    model, tokenizer, [q for q, _ in todo[start:end]], todo[start][1], cfg.max_new_tokens,
+                    on_question, tree=tree, model_id=Path(cfg.model).name, warmup=cfg.warmup if start == 0 else 0,
+                )
+                start = end
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -149,13 +282,19 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
             f.close()
     meta["finished"] = _now()
     meta["load_average_end"] = _load_average()
+    finished = len(cfg.questions) - len(todo) + done
     meta["status"] = (
-        f"interrupted: {done} of {len(cfg.questions)} questions finished" if interrupted else "complete"
+        f"interrupted: {finished} of {len(cfg.questions)} questions finished" if interrupted else "complete"
     )
+    if mode == "resume":
+        meta["resumed"] = len(runs) - 1
     summary = summarize_dir(out, cfg.methods, meta=meta)
     write_summary(out, summary)
     if summary["questions"]:
         plot_speedup(summary, out / "speedup.png")
+    else:  # a plot of an earlier summary must not stand beside this one
+        with contextlib.suppress(FileNotFoundError):
+            (out / "speedup.png").unlink()
     return BenchResult(summary, interrupted, out)
 
 

@@ -1,0 +1,92 @@
+"""Output paths, checked before any work starts, and written atomically when the work is done.
+
+A read-only folder, a file where a folder belongs (or the reverse) or a missing permission is found in a
+millisecond here instead of after an hour of measuring, and a crash or a full disk while writing never
+leaves half a file where a whole one was.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from msn.errors import InputError
+
+_WHY = {
+    errno.EROFS: "is on a read-only file system",
+    errno.EACCES: "is not writable (permission denied)",
+    errno.EPERM: "is not writable (permission denied)",
+    errno.ENOSPC: "has no space left on its device",
+    errno.EDQUOT: "is over its disk quota",
+    errno.ENOTDIR: "has a file where a folder is needed",
+}
+
+
+def os_error_reason(e: OSError) -> str:
+    return _WHY.get(e.errno or 0, e.strerror or str(e))
+
+
+def _probe(folder: Path, flag: str, shown: Path) -> None:
+    """Create and delete one hidden file in ``folder``: the only sure test that we can write there."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".msn-write-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise InputError(f"{shown} {os_error_reason(e)}; choose another {flag}", field=flag) from None
+
+
+def _first_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` is (or can become) a writable folder. Creates nothing: an unusable path leaves no trace."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{p} is a file, not a folder; choose a folder for {flag}", field=flag)
+    base = _first_existing(p.absolute())
+    if not base.is_dir():
+        raise InputError(f"{base} is a file, so {p} cannot be a folder; choose another {flag}", field=flag)
+    _probe(base, flag, p if base == p.absolute() else base)
+    return p
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` can be written as a file: not a folder, and its (nearest existing) parent writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p} is a folder; give a file name for {flag}", field=flag)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"{p} is not writable (permission denied); choose another {flag}", field=flag)
+    base = _first_existing(p.absolute().parent)
+    if not base.is_dir():
+        raise InputError(f"{base} is a file, so {p} cannot be created; choose another {flag}", field=flag)
+    _probe(base, flag, base)
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    On any error (disk full, ...) the temporary file is removed and the old ``path``, if any, is untouched.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
