@@ -102,8 +102,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[Record]:
     if not p.is_file():
         raise InputError("data file not found" if not p.exists() else "not a file", where=str(p))
     with open(p, encoding="utf-8") as f:
-        for obj, where, _, raw in iter_jsonl(f, str(p)):
-            yield Record(normalize_record(obj, where), where, raw)
+        try:
+            for obj, where, _, raw in iter_jsonl(f, str(p)):
+                yield Record(normalize_record(obj, where), where, raw)
+        except UnicodeDecodeError as e:
+            raise InputError(f"not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8 JSONL",
+                             where=str(p)) from None
 
 
 # ---------------------------------------------------------------------------------------------- built-ins

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from msn.errors import MsnError
+from msn.errors import InputError, MsnError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -175,6 +175,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if s in PRESETS:
         return str(preset_path(s))
     if os.path.isdir(s):
+        if not any((Path(s) / f).is_file() for f in ("config.json", "adapter_config.json")):
+            hint = " (a training run whose final model is not saved yet? resume it with msn train --resume)" if (
+                Path(s) / "msn-run.json").is_file() else ""
+            raise InputError(f"folder holds no model (no config.json or adapter_config.json){hint}; give a preset "
+                             f"({', '.join(PRESETS)}), a model folder or a hub id", where=s, field="model")
         return s
     if "/" in s and not s.startswith((".", "/")) and s.count("/") == 1:
         return s  # a hub id: transformers handles it (and fails clearly when offline)
@@ -199,8 +204,22 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}", field="dtype")
     return DTYPES[dtype]
+
+
+def check_device(device: str | torch.device) -> None:
+    """A device this machine has, before any model is loaded."""
+    d = str(device)
+    kind = d.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise InputError(f"unknown device {d!r}; use cpu, cuda or cuda:N", field="device")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise MsnError(f"device {d!r} requested but CUDA is not available on this machine; use --device cpu")
+        index = int(d.split(":")[1]) if ":" in d and d.split(":")[1].isdigit() else 0
+        if index >= torch.cuda.device_count():
+            raise MsnError(f"device {d!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def load_model(
@@ -210,10 +229,20 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     """Load ``(model, tokenizer)`` from a preset, a local folder (also a LoRA adapter folder) or a hub id."""
+    torch_dtype = parse_dtype(dtype)
+    check_device(device)
+    path = resolve_model(name_or_path)
+    try:
+        return _load(path, torch_dtype, device, attn_implementation)
+    except OSError as e:  # transformers' "can't load / couldn't connect", a missing weights file, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if os.path.isdir(path) else " (hub ids need network access: use a preset or a local folder)"
+        raise MsnError(f"{path}: cannot load the model: {first}{hint}") from None
+
+
+def _load(path: str, torch_dtype: torch.dtype, device, attn_implementation: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(name_or_path)
-    torch_dtype = parse_dtype(dtype)
     adapter_cfg = Path(path) / "adapter_config.json"
     if adapter_cfg.is_file():
         from peft import AutoPeftModelForCausalLM

@@ -6,15 +6,24 @@ denoising-accuracy callback and an output folder that is never left half-written
 
 - bad input is detected before anything is written;
 - a folder holding another run is refused unless ``--resume`` or ``--overwrite``;
-- ``--resume`` restarts from the last *complete* checkpoint (Trainer writes ``trainer_state.json`` last);
+- ``--resume`` restarts from the last *complete* checkpoint (Trainer writes ``trainer_state.json`` last),
+  and refuses a setting that differs from the one recorded in ``msn-run.json`` (only the length of the
+  run -- ``--max-steps`` / ``--epochs`` -- and how often it logs, evaluates and saves may change);
+- ``--overwrite`` deletes only what msn and the Trainer wrote (checkpoints, ``msn-run.json``) and keeps the
+  old final model until the new one replaces it;
 - the final model goes to a temporary folder first; its files are moved in with ``os.replace`` and
-  ``msn.json`` last, so ``msn.json`` present means the final model is complete.
+  ``msn.json`` last, so ``msn.json`` present means the final model is complete. ``msn.json`` lists the
+  model's files, so the next ``--overwrite`` knows which files are ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fnmatch
 import json
+import math
 import os
 import platform
 import re
@@ -25,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from msn.data import MSNCollator, split_dataset
-from msn.errors import InputError
+from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL, load_model, resolve_model
 from msn.noise import NoiseConfig
 
@@ -33,6 +42,17 @@ RUN_FILE = "msn-run.json"  # written when a run starts: marks the folder as ours
 FINAL_FILE = "msn.json"  # written last: marks the final model as complete
 TMP_FINAL = ".msn-final-tmp"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# Settings a resumed run must share with the run it continues; the others only say how long it runs and
+# how often it logs / evaluates / saves.
+RESUME_FIXED = ("model", "data", "noise", "noise_length", "noise_segments", "noise_prob", "lora", "lora_r",
+                "bf16", "batch_size", "grad_accum", "lr", "warmup_steps", "max_length", "max_samples",
+                "eval_samples", "seed")
+# What ``save_pretrained`` / ``save_model`` write: a final model from before msn.json listed its files.
+MODEL_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                       "pytorch_model.bin.index.json", "adapter_model.*", "adapter_config.json", "config.json",
+                       "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
+                       "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                       "chat_template.json", "training_args.bin")
 
 
 @dataclass
@@ -104,12 +124,39 @@ def check_output_dir(output: str | os.PathLike, resume: bool, overwrite: bool) -
 
 
 def clear_run(output: Path) -> None:
-    """Delete a previous run's files (only the ones a run writes) for ``--overwrite``."""
+    """For ``--overwrite``: delete the previous run's checkpoints and run record -- and nothing else. The
+    old final model (and its ``msn.json``) stays until :func:`publish_final` replaces it; files msn did not
+    write are never touched."""
     for d in output.iterdir():
         if d.is_dir() and (_CKPT.match(d.name) or d.name == TMP_FINAL):
             shutil.rmtree(d)
-        elif d.is_file():
-            d.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (output / RUN_FILE).unlink()
+
+
+def final_model_files(output: Path) -> set[str]:
+    """Names of the files of the final model now in ``output`` (from ``msn.json``; by name for old runs)."""
+    try:
+        listed = json.loads((output / FINAL_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if isinstance(listed, list):
+        return {str(f) for f in listed if "/" not in str(f)}
+    return {f.name for f in output.iterdir() if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in MODEL_FILE_PATTERNS)}
+
+
+def check_resume(output: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume with a setting that differs from the one the run was started with."""
+    try:
+        old = json.loads((output / RUN_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record (a run from before msn-run.json): nothing to compare with
+    new = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    diffs = [f"--{k.replace('_', '-')} {new.get(k)!r} (the run has {old[k]!r})"
+             for k in RESUME_FIXED if k in old and old[k] != new.get(k)]
+    if diffs:
+        raise InputError(f"--resume with other settings than the run: {'; '.join(diffs)}; resume with the recorded "
+                         f"settings ({RUN_FILE}) or start a new --output", str(output), "resume")
 
 
 def _versions() -> dict[str, str]:
@@ -131,14 +178,22 @@ def _versions() -> dict[str, str]:
 
 
 def publish_final(tmp: Path, output: Path, meta: dict[str, Any]) -> None:
-    """Move the finished model from ``tmp`` into ``output`` file by file, writing ``msn.json`` last."""
+    """Move the finished model from ``tmp`` into ``output`` file by file, writing ``msn.json`` last.
+
+    Files of the previous final model that the new one does not have (a full model replaced by an adapter)
+    are removed; ``msn.json`` records the new model's files for the next time."""
+    new_files = sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != FINAL_FILE)
+    old_files = final_model_files(output)
+    meta = {**meta, "files": new_files}
+    (tmp / FINAL_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     stale = output / FINAL_FILE
     if stale.exists():
         stale.unlink()  # the old marker must not vouch for a half-replaced model
-    (tmp / FINAL_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    for f in sorted(tmp.iterdir()):
-        if f.name != FINAL_FILE:
-            os.replace(f, output / f.name)
+    for name in new_files:
+        os.replace(tmp / name, output / name)
+    for name in sorted(old_files - set(new_files) - {FINAL_FILE, RUN_FILE}):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (output / name).unlink()
     os.replace(tmp / FINAL_FILE, output / FINAL_FILE)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -204,13 +259,69 @@ def _load_tokenizer(model_path: str):
     return tokenizer
 
 
+def validate(cfg: TrainConfig) -> None:
+    """Every numeric flag, before anything is loaded or written."""
+    for name in ("max_length", "batch_size", "grad_accum", "save_steps", "eval_samples", "lora_r", "logging_steps",
+                 "save_total_limit"):
+        if getattr(cfg, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}", field=name)
+    for name in ("lr", "epochs"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v > 0):
+            raise InputError(f"--{name} must be a positive number, got {v}", field=name)
+    for name in ("warmup_steps", "eval_steps"):
+        if getattr(cfg, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}", field=name)
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise InputError(f"--max-steps must be positive (or -1 for --epochs), got {cfg.max_steps}", field="max_steps")
+    if cfg.max_samples is not None and cfg.max_samples <= 0:
+        raise InputError(f"--max-samples must be positive, got {cfg.max_samples}", field="max_samples")
+    if cfg.noise_length >= cfg.max_length:
+        raise InputError(f"--noise-length {cfg.noise_length} does not fit in --max-length {cfg.max_length} tokens; "
+                         "use a noise length below the max length", field="noise_length")
+
+
+def _segment_start(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = _CKPT.match(checkpoint.name)
+        return int(m.group(1)) if m else 0
+
+
+def full_train_loss(history: list[dict[str, Any]], final_step: int, start: int, segment_loss: float) -> float:
+    """Mean training loss per step over the whole run, also when it was resumed.
+
+    Trainer's ``training_loss`` averages only the steps of this process (0.0 when resumed from the final
+    checkpoint). Steps before ``start`` come from the logged losses in the checkpoint's history (each the mean
+    since the previous log), the steps of this segment from ``segment_loss``."""
+    total, prev = 0.0, 0
+    for entry in history:
+        step, loss = entry.get("step"), entry.get("loss")
+        if isinstance(step, int) and isinstance(loss, int | float) and prev < step <= start:
+            total += float(loss) * (step - prev)
+            prev = step
+    seg = max(final_step - start, 0)
+    total += segment_loss * seg
+    covered = prev + seg
+    return total / covered if covered else segment_loss
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) one training run; return the metadata written to ``msn.json``."""
     from transformers import Trainer, TrainingArguments
 
+    validate(cfg)
     noise = cfg.noise_config()  # validates noise flags before anything heavy
     output = Path(cfg.output)
     check_output_dir(output, cfg.resume, cfg.overwrite)
+    if cfg.resume:
+        check_resume(output, cfg)
+    from msn.outputs import check_output_dir as check_writable
+
+    check_writable(output, "--output")
     model_path = resolve_model(cfg.model)
     try:
         tokenizer = _load_tokenizer(model_path)
@@ -259,7 +370,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
                 clear_run(output)
             shutil.rmtree(output / TMP_FINAL, ignore_errors=True)
             run_meta = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "model_path": model_path}
-            (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2, default=str) + "\n")
+            if cfg.resume:  # keep the record of how the run started; note each resumed segment
+                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                    old = json.loads((output / RUN_FILE).read_text())
+                    segments = list(old.get("resumed", []))
+                    run_meta = {**old, "resumed": [*segments, {
+                        "from": resume_from.name if resume_from else None,
+                        "max_steps": cfg.max_steps, "epochs": cfg.epochs}]}
+            from msn.outputs import atomic_write_text
+
+            atomic_write_text(output / RUN_FILE, json.dumps(run_meta, indent=2, default=str) + "\n")
     if cfg.resume:
         _print(f"resuming from {resume_from}" if resume_from else "no complete checkpoint found: starting from scratch")
 
@@ -276,14 +396,20 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         callbacks=all_callbacks,
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    metrics: dict[str, Any] = {"train_loss": result.training_loss}
+    train_loss = full_train_loss(trainer.state.log_history, trainer.state.global_step, _segment_start(resume_from),
+                                 result.training_loss)
+    metrics: dict[str, Any] = {"train_loss": train_loss}
     if evaluate and trainer.state.global_step % cfg.eval_steps != 0:
         metrics.update(trainer.evaluate())
     elif evaluate:
         metrics.update(_last_eval(trainer.state.log_history))
 
     tmp = output / TMP_FINAL
-    trainer.save_model(str(tmp))  # every rank calls it (FSDP / DeepSpeed gather); only the main one writes
+    try:
+        trainer.save_model(str(tmp))  # every rank calls it (FSDP / DeepSpeed gather); only the main one writes
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(e, output) from None
     meta = {
         "model": cfg.model,
         "model_path": model_path,
@@ -308,10 +434,22 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         "versions": _versions(),
     }
     if trainer.is_world_process_zero():
-        publish_final(tmp, output, meta)
+        try:
+            publish_final(tmp, output, meta)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_error(e, output) from None
         _print(f"[green]saved[/green] {'LoRA adapter' if cfg.lora else 'model'} to {output} (steps {meta['steps']})")
     args.distributed_state.wait_for_everyone()
     return meta
+
+
+def _save_error(e: OSError, output: Path) -> MsnError:
+    from msn.outputs import os_error_reason
+
+    what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else os_error_reason(e)
+    return MsnError(f"{output}: saving the final model failed ({what}); the checkpoints are kept: free space and "
+                    "rerun with --resume to save it")
 
 
 def _last_eval(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -362,9 +500,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    for name in ("max_length", "batch_size", "grad_accum", "save_steps", "eval_samples"):
-        if getattr(cfg, name) <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}", field=name)
     train(cfg)
     return 0
 

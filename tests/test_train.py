@@ -237,7 +237,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, tiny_dir, d
             ["--data", write("a.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")],
             "a.jsonl:1: conversation has no assistant turn (field 'messages')",
         ),
-        (["--data", write("e.jsonl", good + "\n"), "--max-length", "3"], "no usable samples"),
+        (["--data", write("e.jsonl", good + "\n"), "--max-length", "3", "--noise-length", "1"], "no usable samples"),
         (["--data", str(data_file), "--noise-length", "0"], "noise_length must be a positive integer"),
         (["--data", str(data_file), "--noise", "gauss"], "unknown noise type 'gauss'"),
     ]

@@ -1,0 +1,118 @@
+"""Issue 13 items 2, 5, 6 and the training faults of 9: kill / rerun / overwrite / resume on real run folders."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import test_train as _shared
+from test_train import Crash, fast
+
+from msn.errors import InputError, MsnError
+from msn.train import RUN_FILE, last_checkpoint, train
+
+tiny_dir, data_file, one_thread = _shared.tiny_dir, _shared.data_file, _shared.one_thread  # the same fixtures
+
+
+def crash_at(step):
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Crash
+
+    return CrashAt()
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_keeps_foreign_files_and_the_old_model_until_the_new_one_is_published(tmp_path, tiny_dir, data_file):
+    out = tmp_path / "run"
+    train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=1))
+    (out / "notes.txt").write_text("my notes")
+    (out / "eval-results.json").write_text("{}")
+    old_model = (out / "model.safetensors").read_bytes()
+    assert json.loads((out / "msn.json").read_text())["files"]  # the final model's files are recorded
+    with pytest.raises(Crash):  # the new run dies before it has a model
+        train(fast(tiny_dir, data_file, out, max_steps=3, save_steps=1, lr=2e-3, overwrite=True),
+              callbacks=[crash_at(2)])
+    assert (out / "model.safetensors").read_bytes() == old_model, "old final model deleted before a new one exists"
+    assert json.loads((out / "msn.json").read_text())["steps"] == 2
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "eval-results.json").read_text() == "{}"
+    assert not (out / "checkpoint-2").exists() or json.loads(
+        (out / "checkpoint-2" / "trainer_state.json").read_text())["max_steps"] == 3  # old checkpoints are gone
+    meta = train(fast(tiny_dir, data_file, out, max_steps=3, save_steps=1, lr=2e-3, overwrite=True))
+    assert meta["steps"] == 3 and json.loads((out / "msn.json").read_text())["steps"] == 3
+    assert (out / "model.safetensors").read_bytes() != old_model
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "eval-results.json").read_text() == "{}"
+
+
+def test_resume_refuses_changed_settings_and_reports_the_whole_run_loss(tmp_path, tiny_dir, data_file):
+    full = train(fast(tiny_dir, data_file, tmp_path / "full", max_steps=6, save_steps=3))
+    out = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train(fast(tiny_dir, data_file, out, max_steps=6, save_steps=3), callbacks=[crash_at(4)])
+    assert last_checkpoint(out).name == "checkpoint-3"
+    record = (out / RUN_FILE).read_bytes()
+    other = tmp_path / "other.jsonl"
+    other.write_text(data_file.read_text().replace("Count", "Add"))
+    for changed, flag in ((dict(lr=2e-3), "--lr"), (dict(data=str(other)), "--data"), (dict(noise="uniform"), "--noise"),
+                          (dict(noise_length=2), "--noise-length"), (dict(seed=1), "--seed")):
+        with pytest.raises(InputError, match=f"{flag} .*the run has"):
+            train(fast(tiny_dir, data_file, out, max_steps=6, save_steps=3, resume=True, **changed))
+        assert (out / RUN_FILE).read_bytes() == record and not (out / "msn.json").exists()
+    resumed = train(fast(tiny_dir, data_file, out, max_steps=6, save_steps=3, resume=True))
+    assert resumed["steps"] == 6
+    # the loss of the whole run, not of the 3 resumed steps
+    assert resumed["metrics"]["train_loss"] == pytest.approx(full["metrics"]["train_loss"], abs=1e-4)
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["config"]["lr"] == 1e-3 and run["resumed"][0]["from"] == "checkpoint-3"
+    # resuming the finished run trains nothing; its loss is still the whole run's, not 0.0
+    again = train(fast(tiny_dir, data_file, out, max_steps=6, save_steps=3, resume=True))
+    assert again["metrics"]["train_loss"] == pytest.approx(full["metrics"]["train_loss"], abs=1e-4)
+    assert json.loads((out / "msn.json").read_text())["metrics"]["train_loss"] > 0
+
+
+@pytest.mark.parametrize(("changed", "message"), [
+    (dict(noise_length=10000), "--noise-length 10000 does not fit in --max-length 64"),
+    (dict(noise_length=64), "--noise-length 64 does not fit"),
+    (dict(lr=-1.0), "--lr must be a positive number"),
+    (dict(lr=float("nan")), "--lr must be a positive number"),
+    (dict(epochs=0.0, max_steps=-1), "--epochs must be a positive number"),
+    (dict(warmup_steps=-5), "--warmup-steps must be >= 0"),
+    (dict(max_steps=0), "--max-steps must be positive"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, tiny_dir, data_file, changed, message):
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=message):
+        train(fast(tiny_dir, data_file, out, **changed))
+    assert not out.exists()
+    if "lr" in changed:  # the corrected rerun is not refused by a leftover msn-run.json
+        assert train(fast(tiny_dir, data_file, out, max_steps=1))["steps"] == 1
+
+
+def test_disk_full_during_final_save_keeps_checkpoints_and_resumes(tmp_path, tiny_dir, data_file, monkeypatch):
+    from transformers import Trainer
+
+    out = tmp_path / "run"
+    real = Trainer.save_model
+
+    def full_disk(self, output_dir=None, *a, **kw):
+        if output_dir and output_dir.endswith(".msn-final-tmp"):
+            (tmp_path / "run" / ".msn-final-tmp").mkdir(exist_ok=True)
+            (tmp_path / "run" / ".msn-final-tmp" / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "save_model", full_disk)
+    with pytest.raises(MsnError, match="disk full.*--resume"):
+        train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=2))
+    assert not (out / ".msn-final-tmp").exists() and not (out / "msn.json").exists()
+    assert last_checkpoint(out).name == "checkpoint-2"
+    monkeypatch.setattr(Trainer, "save_model", real)
+    meta = train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=2, resume=True))
+    assert meta["steps"] == 2 and (out / "msn.json").is_file() and (out / "model.safetensors").is_file()
