@@ -45,8 +45,8 @@ class TurnResult:
     text: str
     new_tokens: int
     wall_time: float
-    steps: int | None  # forward passes; for pld counted with a forward hook
-    accept_lengths: list[int] | None  # per step, bonus included; None where the decoder does not expose it
+    steps: int | None  # verification forwards (prefill included in the first)
+    accept_lengths: list[int] | None  # per step, bonus included; sums to new_tokens
     jacobi_accepted: list[int] | None = None  # per step: accepted drafts a Jacobi node drafted (tree methods)
     retrieval_accepted: list[int] | None = None  # per step: accepted drafts the retrieval chain drafted
 
@@ -70,18 +70,52 @@ def eos_ids(model, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
 
 
-class _ForwardCounter:
-    """Counts model forward calls: transformers' prompt lookup verifies once per forward."""
+class _PldAcceptRecorder:
+    """Per-step accept lengths of transformers' prompt lookup, without forking its decoding loop.
 
-    def __init__(self, model):
-        self.calls = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
+    For the duration of one ``generate`` call the model's ``_get_candidate_generator`` is wrapped (on the
+    instance only) so that the ``PromptLookupCandidateGenerator`` it builds reports to us: transformers calls
+    ``update_candidate_strategy(input_ids, scores, num_matches)`` once after every verification forward, and
+    that step appended ``num_matches`` accepted drafts plus the model's own (bonus) token.
 
-    def _hook(self, *_):
-        self.calls += 1
+    Final step, EOS and max_new_tokens cuts: prompt lookup drafts stop before an EOS and never reach past
+    ``max_length``, and transformers crops a step's tokens at the first EOS and at ``max_length`` *before*
+    this call and recomputes ``num_matches`` from what it kept, so ``num_matches + 1`` is exactly what the
+    step appended (an EOS counts as the step's last token, as in ``new_tokens``) and the loop stops right
+    after the call that reached EOS or the limit. So that this holds on transformers versions that pass an
+    uncropped count too, a step is clipped to how much ``input_ids`` actually grew since the previous step
+    (starting from the prompt). The lengths therefore always sum to the new tokens, and their count is the
+    number of verification forwards (the prefill forward, which also verifies the first drafts, included).
+    """
 
-    def close(self):
-        self._handle.remove()
+    def __init__(self, model, prompt_len: int):
+        self.lengths: list[int] = []
+        self._model, self._seen = model, prompt_len
+        self._original = model._get_candidate_generator  # bound method of the class
+
+    def __enter__(self):
+        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+        def build(*args, **kwargs):
+            gen = self._original(*args, **kwargs)
+            if not isinstance(gen, PromptLookupCandidateGenerator):
+                raise RuntimeError(f"expected transformers' prompt lookup, got {type(gen).__name__}")
+            update = gen.update_candidate_strategy
+
+            def recording_update(input_ids, scores, num_matches):
+                grown = int(input_ids.shape[-1]) - self._seen
+                self._seen += grown
+                self.lengths.append(min(int(num_matches) + 1, grown))
+                return update(input_ids, scores, num_matches)
+
+            gen.update_candidate_strategy = recording_update
+            return gen
+
+        self._model._get_candidate_generator = build  # instance attribute shadows the class method
+        return self
+
+    def __exit__(self, *exc):
+        del self._model._get_candidate_generator
 
 
 def run_turn(
@@ -91,9 +125,8 @@ def run_turn(
     """One greedy generation, timed with perf_counter around the whole call (prefill included)."""
     input_ids = input_ids.to(model.device)
     if method == "pld":
-        counter = _ForwardCounter(model)
-        try:
-            pad = model.generation_config.pad_token_id
+        pad = model.generation_config.pad_token_id
+        with _PldAcceptRecorder(model, input_ids.shape[1]) as recorder:
             start = time.perf_counter()
             seq = model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
@@ -103,10 +136,11 @@ def run_turn(
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
             wall = time.perf_counter() - start
-        finally:
-            counter.close()
         new = seq[0, input_ids.shape[1]:]
-        return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, counter.calls, None)
+        lengths = recorder.lengths
+        if sum(lengths) != new.numel():  # would mean transformers changed its loop: never write wrong MATs
+            raise RuntimeError(f"pld recorded {sum(lengths)} accepted tokens for {new.numel()} new tokens")
+        return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, len(lengths), lengths)
     out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos)
     new = out.sequences[0, input_ids.shape[1]:]
     return TurnResult(

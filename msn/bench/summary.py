@@ -2,7 +2,8 @@
 
 Per answer, speed = sum of new tokens / sum of wall time over its turns; a method's tokens/s is the mean of
 its answers' speeds (Spec-Bench's ``speed.py``), speedup = that mean / the baseline's over the same
-questions, MAT = mean accepted tokens per decoding step (bonus included; pooled over all steps), and
+questions, MAT = mean accepted tokens per decoding step (bonus included; pooled over all steps: the mean of
+every answer's ``accept_lengths``, which every method records, transformers' prompt lookup too), and
 identical_rate = share of questions whose every turn's text equals the baseline's. For tree methods,
 jacobi/retrieval per step = accepted draft tokens per step that a Jacobi node / the retrieval chain drafted
 (a token both drafted counts for both): where tr-jacobi's speed-up comes from. Only questions that
@@ -48,8 +49,10 @@ def answer_speed(rec: dict) -> float:
     return sum(c["new_tokens"]) / wall if wall > 0 else 0.0
 
 
-def _mat(recs: Sequence[dict]) -> float | None:
-    """Pooled mean accepted length; from steps when per-step lengths are not recorded (pld)."""
+def _mat(recs: Sequence[dict]) -> tuple[float | None, str | None]:
+    """Pooled mean accepted length (Spec-Bench: the mean of all answers' ``accept_lengths``) and where it came
+    from. Every method records per-step lengths, pld included; answer files written before pld did (they
+    have ``accept_lengths: null``) fall back to new tokens / forward passes, marked ``"steps"``."""
     lengths: list[int] = []
     tokens = steps = 0
     have_lengths = have_steps = True
@@ -66,10 +69,10 @@ def _mat(recs: Sequence[dict]) -> float | None:
             steps += sum(s)
             tokens += sum(c["new_tokens"])
     if have_lengths and lengths:
-        return sum(lengths) / len(lengths)
+        return sum(lengths) / len(lengths), "accept_lengths"
     if have_steps and steps:
-        return tokens / steps
-    return None
+        return tokens / steps, "steps"
+    return None, None
 
 
 def _source_per_step(recs: Sequence[dict], field: str) -> float | None:
@@ -84,10 +87,12 @@ def _source_per_step(recs: Sequence[dict], field: str) -> float | None:
 def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
     speeds = [answer_speed(r) for r in recs]
     tps = sum(speeds) / len(speeds)
+    mat, mat_from = _mat(recs)
     out: dict = {
         "tokens_per_s": tps,
         "speedup": None,
-        "mat": _mat(recs),
+        "mat": mat,
+        "mat_from": mat_from,
         "identical_rate": None,
         "jacobi_per_step": _source_per_step(recs, "jacobi_accepted"),
         "retrieval_per_step": _source_per_step(recs, "retrieval_accepted"),
@@ -188,6 +193,10 @@ def to_markdown(summary: Mapping) -> str:
              "MAT = mean accepted tokens per decoding step, bonus token included (Spec-Bench conventions); "
              "drafted by Jacobi / retrieval = accepted draft tokens per step each source drafted (a token both "
              "drafted counts for both).", ""]
+    approx = [m for m, e in summary["methods"].items() if e["overall"].get("mat_from") == "steps"]
+    if approx:
+        parts += [f"MAT of {', '.join(approx)}: new tokens / forward passes (its answer files record no "
+                  "per-step accept lengths), an approximation.", ""]
     return "\n".join(parts)
 
 

@@ -1,4 +1,11 @@
-"""``msn generate``: decode one prompt and print the text plus a one-line speed summary."""
+"""``msn generate``: decode one prompt and print the text plus a one-line speed summary.
+
+The prompt goes through the model's chat template when its tokenizer has one; ``--raw`` sends the text as
+is. ``--chat``, once needed for the template, is still accepted: it only turns a model without a template
+into an error instead of sending the text as is. Dtype, device and tree default as in ``msn bench`` (bf16,
+``auto``: cuda when available, the tree preset for that device and dtype), and the prompt is encoded and
+the EOS ids taken as there, so a prompt decodes here as the same question does in a benchmark.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--file", help="read the prompt from this file ('-' = stdin)")
     p.add_argument("--method", choices=METHODS, default="tr-jacobi")
-    p.add_argument("--tree", default=None, help="tree preset name or JSON file (default: chosen by device/dtype)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--tree", default=None,
+                   help="tree preset name or JSON file (default, as in msn bench: official-68 on GPU, "
+                        "cpu-bf16-16 for bf16/fp16 on CPU, cpu-fp32-8 for fp32 on CPU)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--raw", action="store_true",
+                     help="send the text as is (default: wrap it in the model's chat template when it has one)")
+    fmt.add_argument("--chat", action="store_true",
+                     help="kept for old scripts: the chat template is the default now (with --chat, a model "
+                          "without one is an error instead of getting the text as is)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 (default: %(default)s)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
 
 
@@ -41,36 +57,49 @@ def _read_prompt(args) -> str:
     return text
 
 
+def encode_prompt(tok, text: str, raw: bool = False):
+    """Prompt ids [1, L]: the chat template (as ``msn bench`` applies it) unless ``raw`` or there is none."""
+    from msn.bench.runner import encode_chat
+
+    if raw or not getattr(tok, "chat_template", None):
+        return tok(text, return_tensors="pt")["input_ids"]
+    return encode_chat(tok, [{"role": "user", "content": text}])
+
+
 def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from msn.bench.runner import eos_ids
+    from msn.bench.session import pick_device, resolve_bench_tree
     from msn.decoding.engine import generate
     from msn.models import load_model
 
     text = _read_prompt(args)
     if args.max_new_tokens < 1:
-        raise MsnError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.chat:
-        if not getattr(tok, "chat_template", None):
-            raise MsnError(f"model {args.model!r} has no chat template: drop --chat")
-        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
-        ids = enc if isinstance(enc, torch.Tensor) else enc["input_ids"]
-    else:
-        ids = tok(text, return_tensors="pt")["input_ids"]
-    ids = ids.to(args.device)
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    device = pick_device(args.device)
+    tree = resolve_bench_tree(args.tree, device, args.dtype)  # bench's default; a bad --tree fails before loading
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    if args.chat and not getattr(tok, "chat_template", None):
+        raise MsnError(f"model {args.model!r} has no chat template: drop --chat (the text is then sent as is)")
+    ids = encode_prompt(tok, text, raw=args.raw).to(device)
     streamer = None if args.no_stream else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     out = generate(
-        model, ids, max_new_tokens=args.max_new_tokens, method=args.method, tree=args.tree,
-        eos_token_id=tok.eos_token_id, streamer=streamer,
+        model, ids, max_new_tokens=args.max_new_tokens, method=args.method, tree=tree,
+        eos_token_id=eos_ids(model, tok), streamer=streamer,
     )  # fmt: skip
     if streamer is None:
         print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
     speed = out.new_tokens / max(out.wall_time, 1e-9)
     print(
         f"[{args.method}] {out.new_tokens} tokens in {out.wall_time:.2f}s = {speed:.1f} tok/s, "
-        f"MAT {out.mean_accepted:.2f}, {out.steps} steps, tree {out.tree.name} ({out.tree.size} nodes)",
+        f"MAT {out.mean_accepted:.2f}, {out.steps} steps, tree {out.tree.name} ({out.tree.size} nodes), "
+        f"{torch.get_num_threads()} threads",
         file=sys.stderr,
     )
     return 0

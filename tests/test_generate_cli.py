@@ -1,0 +1,141 @@
+"""``msn generate``: chat template by default (``--raw`` to opt out), ``--threads``, bench's defaults, and
+one-line errors for bad input before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import msn.decoding.engine as engine
+import msn.models
+from msn.bench.fakes import ByteChatTokenizer
+from msn.cli import main
+
+PROMPT = "What is the capital of France?"
+
+
+class PlainTokenizer(ByteChatTokenizer):
+    chat_template = None
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Stand-in loader (records its arguments) and a spy on the engine's generate (records the prompt ids
+    and settings it got), for a tiny random model."""
+    seen: dict = {"load": [], "generate": []}
+    model = tiny_model("llama")
+    tokenizers = {"chat": ByteChatTokenizer(), "plain": PlainTokenizer()}
+
+    def load_model(name, dtype=None, device=None):
+        seen["load"].append({"name": name, "dtype": dtype, "device": device})
+        return model, tokenizers[seen.get("tok", "chat")]
+
+    real = engine.generate
+
+    def spy(m, input_ids, **kw):
+        seen["generate"].append({"ids": input_ids[0].tolist(), **kw})
+        return real(m, input_ids, **kw)
+
+    monkeypatch.setattr(msn.models, "load_model", load_model)
+    monkeypatch.setattr(engine, "generate", spy)
+    return seen
+
+
+def run(*args):
+    return main(["generate", "--prompt", PROMPT, "--max-new-tokens", "6", "--no-stream", *args])
+
+
+def sent_text(calls) -> str:
+    return ByteChatTokenizer().decode(calls["generate"][-1]["ids"])
+
+
+def test_chat_template_is_the_default(calls):
+    assert run() == 0
+    assert sent_text(calls) == f"<user>{PROMPT}</user><assistant>"
+
+
+def test_chat_flag_is_an_accepted_no_op(calls):
+    assert run("--chat") == 0
+    assert sent_text(calls) == f"<user>{PROMPT}</user><assistant>"
+
+
+def test_raw_sends_the_text_as_is(calls):
+    assert run("--raw") == 0
+    assert sent_text(calls) == PROMPT
+
+
+def test_no_template_sends_the_text_as_is(calls):
+    calls["tok"] = "plain"
+    assert run() == 0
+    assert sent_text(calls) == PROMPT
+
+
+def test_chat_flag_without_a_template_is_one_line_error(calls, capsys):
+    calls["tok"] = "plain"
+    assert run("--chat") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msn generate: error: ") and "no chat template" in err and "\n" not in err
+
+
+def test_defaults_match_msn_bench(calls, capsys):
+    from msn.bench.cli import add_arguments as bench_arguments
+    from msn.bench.session import pick_device, resolve_bench_tree
+
+    assert run() == 0
+    bench = __import__("argparse").ArgumentParser()
+    bench_arguments(bench)
+    defaults = bench.parse_args([])
+    load = calls["load"][-1]
+    assert load["dtype"] == defaults.dtype == "bf16"
+    assert load["device"] == pick_device(defaults.device)
+    tree = calls["generate"][-1]["tree"]
+    assert tree == resolve_bench_tree(defaults.tree, load["device"], defaults.dtype)
+    assert f"tree {tree.name} " in capsys.readouterr().err
+
+
+def test_threads_sets_torch_threads(calls, capsys):
+    torch.set_num_threads(2)
+    assert run("--threads", "1") == 0
+    assert torch.get_num_threads() == 1
+    assert ", 1 threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--threads", "0"), "--threads must be >= 1, got 0"),
+    (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1, got 0"),
+    (("--tree", "no-such-tree"), "unknown tree 'no-such-tree'"),
+])
+def test_bad_input_is_one_line_before_loading(calls, capsys, args, message):
+    assert main(["generate", "--prompt", PROMPT, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msn generate: error: ") and message in err and "\n" not in err
+    assert calls["load"] == []
+
+
+def test_raw_and_chat_together_are_refused(calls, capsys):
+    with pytest.raises(SystemExit) as e:
+        run("--raw", "--chat")
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_answers_as_a_chat_model_without_flags(smollm2, monkeypatch, capsys):
+    model, tok = smollm2
+    sent = []
+    real = engine.generate
+    monkeypatch.setattr(msn.models, "load_model", lambda *a, **kw: (model, tok))
+    monkeypatch.setattr(engine, "generate", lambda m, ids, **kw: sent.append(ids) or real(m, ids, **kw))
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "16", "--threads", "1"]) == 0
+    prompt = tok.decode(sent[0][0])
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+    out = capsys.readouterr()
+    assert "Paris" in out.out and "MAT" in out.err
