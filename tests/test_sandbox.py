@@ -7,7 +7,9 @@ prove that the OS layers (namespaces, uid drop, rlimits, cgroup) contain the cod
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,14 +136,18 @@ def test_fork_bomb_is_contained(guard: bool):
 
 
 @guard_modes
-def test_file_deletion_outside_workdir_is_blocked(tmp_path: Path, guard: bool):
-    if not guard and (ISO.uid is None or os.geteuid() != 0):
-        pytest.skip("OS-level file protection needs the uid drop (root + unshare -S)")
-    canary = tmp_path / "canary.txt"
+def test_file_deletion_outside_workdir_is_blocked(guard: bool):
+    if not guard and (ISO.uid is None or os.geteuid() != 0) and not ISO.mount_namespace:
+        pytest.skip("OS-level file protection needs the uid drop (root + unshare -S) or a read-only mount namespace")
+    # Not under /tmp: the sandbox has a private /tmp, so a canary there would simply be invisible to it.
+    folder = Path(tempfile.mkdtemp(prefix="msn-canary-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    folder.chmod(0o755)  # visible (read-only) to the unprivileged sandbox user
+    canary = folder / "canary.txt"
     canary.write_text("alive")
     code = (
         "import os, shutil\n"
         f"p = {str(canary)!r}\n"
+        "assert os.path.exists(p)\n"
         "errors = []\n"
         "for attack in (lambda: os.remove(p), lambda: os.unlink(p), lambda: open(p, 'w').write('x'),\n"
         "               lambda: shutil.rmtree(os.path.dirname(p)), lambda: os.rename(p, 'stolen')):\n"
@@ -151,10 +157,16 @@ def test_file_deletion_outside_workdir_is_blocked(tmp_path: Path, guard: bool):
         "        errors.append(type(e).__name__)\n"
         "print(errors)\n"
     )
-    r = run_python(code, guard=guard)
-    assert r.status == "passed", r.stderr
-    assert r.stdout.count("PermissionError") == 5
-    assert canary.read_text() == "alive"
+    try:
+        r = run_python(code, guard=guard)
+        assert r.status == "passed", r.stderr
+        errors = eval(r.stdout)  # noqa: S307 - our own printed list
+        assert len(errors) == 5, errors
+        if guard:
+            assert errors == ["PermissionError"] * 5
+        assert canary.read_text() == "alive"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @guard_modes

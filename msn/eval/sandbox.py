@@ -4,17 +4,23 @@ HumanEval executes code a language model wrote; a bad completion can loop foreve
 files, open sockets or eat all memory. Layers, outermost first, each optional so the sandbox still runs
 (with less containment) where a layer is unavailable; :func:`isolation` says which ones are active:
 
-1. ``unshare``: fresh network namespace (no network, not even loopback) and PID namespace (when its
-   first process exits, the kernel kills every process left inside); as root also a drop to an
-   unprivileged uid (``nobody``), which makes RLIMIT_NPROC apply and file permissions protect the
-   rest of the machine. Non-root users get the namespaces through a user namespace.
+1. ``unshare``: fresh network namespace (no network, not even loopback), PID namespace (when its
+   first process exits, the kernel kills every process left inside) and mount namespace: a fresh
+   ``/proc`` that shows only the sandbox's own processes, private size-limited tmpfs on ``/tmp`` (the
+   working directory lives there) and ``/dev/shm`` that vanish with the run, and every other mount
+   read-only. As root also a drop to an unprivileged uid (``nobody``, with no_new_privs), which makes
+   RLIMIT_NPROC apply and file permissions protect the rest of the machine. Non-root users get the
+   namespaces through a user namespace. Where the mount namespace cannot be set up, the sandbox runs
+   without it and :func:`isolation` says why in ``notes``.
 2. A pids cgroup (when writable) caps the process count regardless of uid and lets us kill stragglers.
 3. ``resource`` limits set in ``preexec_fn``: address space, processes, CPU seconds, file size, no core.
 4. A wall-clock timeout that SIGKILLs the whole process group, always followed by cleanup.
 5. A throw-away working directory, deleted afterwards.
-6. A Python-level guard run before the code: sockets, process creation, and file deletion or writes
-   outside the working directory raise ``PermissionError``. It is best-effort (Python can be
-   escaped from Python); layers 1-3 are the real boundary.
+6. A Python-level guard run before the code: an audit hook (which Python code cannot remove) denies
+   sockets, process creation, native code (ctypes) and the import of the modules that give them, and
+   file writes or deletion outside the working directory (``open`` / ``io.FileIO`` / ``os.open``
+   alike) with ``PermissionError``; monkeypatches on ``os`` give clearer messages on the common
+   paths. It is a first filter only (Python can be escaped from Python); layers 1-3 are the wall.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 
 NOBODY = 65534
 MEMORY_EXIT = 113  # the runner exits with this when the program dies of MemoryError
+SETUP_EXIT = 114  # the mount-namespace setup exits with this when it cannot build the sandbox
 MAX_OUTPUT = 64 * 1024  # bytes of stdout / stderr kept in the result
 WORKDIR_PREFIX = "msn-sandbox-"
 
@@ -59,6 +66,7 @@ class Isolation:
     interpreter: str = sys.executable
     network_namespace: bool = False
     pid_namespace: bool = False
+    mount_namespace: bool = False  # fresh /proc, private /tmp and /dev/shm, the rest read-only (via SETUP)
     uid: int | None = None  # uid the code runs as, when we drop privileges
     cgroup: Path | None = None  # parent pids cgroup under which each run gets its own
     notes: tuple[str, ...] = field(default=())
@@ -131,17 +139,27 @@ def isolation() -> Isolation:
     pid_ns = ("--pid", "--fork", "--kill-child")
     userns = () if root else ("--user", "--map-root-user")
     variants: list[tuple[tuple[str, ...], bool, bool, int | None]] = []
+    chosen = Isolation(notes=())
+    why = "no usable interpreter"
     if unshare:
+        mount_prefix = (unshare, *userns, "--mount", "--mount-proc", "--net", *pid_ns)
+        mount_uid = NOBODY if root else None
+        for interp in _interpreters():
+            ok, why = _probe_mount_namespace(mount_prefix, interp, mount_uid, want)
+            if ok:
+                chosen = Isolation(mount_prefix, interp, True, True, True, mount_uid)
+                break
+        else:
+            notes.append(f"no mount namespace ({why}): /proc shows host processes, /tmp and /dev/shm are shared")
         if root:
             variants.append(((unshare, "--net", *pid_ns, "-S", str(NOBODY), "-G", str(NOBODY)), True, True, NOBODY))
         variants += [((unshare, *userns, "--net", *pid_ns), True, True, None), ((unshare, *userns, "--net"), True, False, None)]
     else:
-        notes.append("no unshare binary: no network / PID namespace")
-    chosen = Isolation(notes=())
-    for prefix, net, pid, uid in variants:
+        notes.append("no unshare binary: no network / PID / mount namespace")
+    for prefix, net, pid, uid in variants if not chosen.mount_namespace else []:
         interp = next((p for p in _interpreters() if _runs([*prefix, p, "-I", "-c", ver_check]) == want), None)
         if interp:
-            chosen = Isolation(prefix, interp, net, pid, uid)
+            chosen = Isolation(prefix, interp, net, pid, uid=uid)
             break
         notes.append(f"unavailable: {' '.join(prefix[1:])}")
     if root and chosen.uid is None:
@@ -150,14 +168,108 @@ def isolation() -> Isolation:
     if cgroup is None:
         notes.append("no writable pids cgroup")
     return Isolation(chosen.prefix, chosen.interpreter, chosen.network_namespace, chosen.pid_namespace,
-                     chosen.uid, cgroup, tuple(notes))
+                     chosen.mount_namespace, chosen.uid, cgroup, tuple(notes))
+
+
+def _setup_command(prefix: tuple[str, ...], interp: str, workdir: str, uid: int | None, tmp_mb: int,
+                   shm_mb: int) -> list[str]:
+    inner = "/tmp/" + os.path.basename(workdir)
+    return [*prefix, interp, "-I", "-S", "-c", SETUP, workdir, inner, str(-1 if uid is None else uid),
+            str(tmp_mb), str(shm_mb), interp]
+
+
+def _probe_mount_namespace(prefix: tuple[str, ...], interp: str, uid: int | None, want: str) -> tuple[bool, str]:
+    """Build a real sandbox once with a program that prints the version: the mount layer works end to end."""
+    workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+    try:
+        Path(workdir, "solution.py").write_text("")
+        Path(workdir, "_runner.py").write_text("import sys; print('%d.%d' % sys.version_info[:2])\n")
+        try:
+            done = subprocess.run(_setup_command(prefix, interp, workdir, uid, 1, 1), capture_output=True, text=True,
+                                  timeout=20, cwd="/", env=_child_env("/"))
+        except (OSError, subprocess.SubprocessError) as e:
+            return False, str(e)
+        if done.returncode == 0 and done.stdout.strip() == want:
+            return True, ""
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return False, lines[-1] if lines else f"exit status {done.returncode}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the mount-namespace setup
+
+# Runs as (namespace) root as the first process of the new namespaces, before the untrusted code: makes
+# every mount private and read-only, puts fresh size-limited tmpfs on /tmp and /dev/shm, copies the two
+# script files into the working directory inside the new /tmp, drops to the unprivileged uid with
+# no_new_privs, and execs the runner. Any failure exits with SETUP_EXIT and one line on stderr.
+SETUP = r'''
+import ctypes, os, sys
+src, inner, uid, tmp_mb, shm_mb, interp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+def fail(what, err=None):
+    err = ctypes.get_errno() if err is None else err
+    sys.stderr.write("msn sandbox setup: %s: %s\n" % (what, os.strerror(err)))
+    sys.stderr.flush()
+    os._exit(114)
+try:
+    files = {}
+    for name in ("solution.py", "_runner.py"):
+        with open(os.path.join(src, name), "rb") as f:
+            files[name] = f.read()
+except OSError as e:
+    fail("reading the script", e.errno)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.syscall.restype = ctypes.c_long
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+if libc.mount(b"none", b"/", None, REC | PRIVATE, None) != 0:
+    fail("making mounts private")
+class Attr(ctypes.Structure):
+    _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64), ("prop", ctypes.c_uint64), ("userns", ctypes.c_uint64)]
+attr = Attr(1, 0, 0, 0)  # MOUNT_ATTR_RDONLY, recursively over every mount (mount_setattr, Linux >= 5.12)
+if libc.syscall(442, -100, b"/", 0x8000, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
+    flags = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC}
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:  # older kernels: remount each mount read-only, keeping its other flags
+        point = fields[4].encode().decode("unicode_escape").encode("latin-1")
+        keep = sum(flags.get(o, 0) for o in fields[5].split(","))
+        if libc.mount(None, point, None, REMOUNT | BIND | RDONLY | keep, None) != 0 and point == b"/":
+            fail("remounting / read-only")
+opts = "size=%dm,mode=1777" % tmp_mb
+if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", NOSUID | NODEV, opts.encode()) != 0:
+    fail("mounting a private /tmp")
+if os.path.isdir("/dev/shm"):
+    opts = "size=%dm,mode=1777" % shm_mb
+    if libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", NOSUID | NODEV | NOEXEC, opts.encode()) != 0:
+        fail("mounting a private /dev/shm")
+os.mkdir(inner, 0o700)
+for name, data in files.items():
+    with open(os.path.join(inner, name), "wb") as f:
+        f.write(data)
+    if uid >= 0:
+        os.chown(os.path.join(inner, name), uid, uid)
+if uid >= 0:
+    os.chown(inner, uid, uid)
+    try:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    except OSError as e:
+        fail("dropping to uid %d" % uid, e.errno)
+if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: no setuid binary gives privileges back
+    fail("setting no_new_privs")
+os.chdir(inner)
+env = dict(os.environ, HOME=inner, TMPDIR=inner)
+os.execve(interp, [interp, "-I", "-B", "_runner.py"], env)
+'''
 
 
 # --------------------------------------------------------------------------- the guard run inside the child
 
 GUARD = r'''
 import builtins as _b, io as _io, os as _os, posix as _posix, shutil as _shutil, socket as _socket
-import subprocess as _subprocess, sys as _sys
+import sys as _sys
 _ROOT = _os.path.realpath(_os.getcwd())
 
 def _inside(path):
@@ -194,7 +306,6 @@ for _mod in (_os, _posix):
 for _n, _k, _f in (("rmtree", 1, 0), ("chown", 1, 0), ("move", 2, 0), ("copy", 2, 1), ("copy2", 2, 1),
                    ("copyfile", 2, 1), ("copytree", 2, 1)):
     setattr(_shutil, _n, _confine(getattr(_shutil, _n), f"shutil.{_n}", _k, _f))
-_subprocess.Popen = _deny("subprocess.Popen")
 
 _real_open, _real_os_open = _b.open, _posix.open
 _WRITE_FLAGS = _os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND
@@ -214,10 +325,56 @@ for _n in ("socket", "socketpair", "fromfd", "create_connection", "create_server
     setattr(_socket, _n, _deny(f"socket.{_n}"))
 import _socket as _raw_socket
 _raw_socket.socket = _deny("socket.socket")
-for _n in ("ctypes", "_ctypes", "cffi", "resource", "_posixsubprocess", "multiprocessing", "_multiprocessing",
-           "psutil", "pty", "tkinter"):
-    _sys.modules[_n] = None
+_BLOCKED = frozenset(("ctypes", "_ctypes", "cffi", "_cffi_backend", "resource", "_posixsubprocess", "multiprocessing",
+                      "_multiprocessing", "psutil", "pty", "tkinter", "_tkinter", "_xxsubinterpreters"))
+for _n in _BLOCKED:
+    if _n != "_posixsubprocess" or _n not in _sys.modules:
+        _sys.modules[_n] = None
 del _mod, _n, _k
+
+# The audit hook: unlike the patches above, nothing in Python removes it, and it sees the calls the patches
+# miss (io.FileIO, a module re-imported after deleting its sys.modules entry, ...).
+_DENIED = frozenset(("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
+                     "os.killpg", "subprocess.Popen", "os.putenv", "os.unsetenv", "socket.__new__",
+                     "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
+                     "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg", "ctypes.dlopen", "ctypes.dlsym",
+                     "ctypes.cdata", "ctypes.call_function"))
+_PATHS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.mkdir": (0,), "os.chmod": (0,),
+          "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
+          "os.chdir": (0,), "os.chflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
+          "shutil.rmtree": (0,), "shutil.move": (0, 1), "shutil.copyfile": (1,), "shutil.copytree": (1,),
+          "shutil.copymode": (1,), "shutil.copystat": (1,), "shutil.chown": (0,), "shutil.unpack_archive": (1,),
+          "shutil.make_archive": (0,)}
+_DIR_FD = {"os.remove": (1,), "os.rmdir": (1,), "os.rename": (2, 3), "os.mkdir": (2,), "os.chmod": (2,),
+           "os.chown": (3,), "os.link": (2, 3), "os.symlink": (2,), "os.utime": (3,)}
+_busy = [False]
+def _audit(event, args):
+    if _busy[0]:
+        return
+    if event in _DENIED:
+        raise PermissionError(f"{event} is disabled in the msn sandbox")
+    if event == "import":
+        if args[0] in _BLOCKED or args[0].split(".")[0] in _BLOCKED:
+            raise PermissionError(f"import of {args[0]} is disabled in the msn sandbox")
+        return
+    _busy[0] = True
+    try:
+        if event == "open":
+            path, mode, flags = args
+            writing = (mode is not None and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE_FLAGS)
+            if writing and path is not None and not _inside(path):
+                raise PermissionError(f"writing outside the sandbox directory: {path!r}")
+        elif event in _PATHS:
+            for i in _PATHS[event]:
+                if i < len(args) and args[i] is not None and not _inside(args[i]):
+                    raise PermissionError(f"{event} outside the sandbox directory: {args[i]!r}")
+            for i in _DIR_FD.get(event, ()):
+                if i < len(args) and isinstance(args[i], int) and args[i] >= 0:
+                    raise PermissionError(f"{event} relative to a directory descriptor is disabled in the msn sandbox")
+    finally:
+        _busy[0] = False
+_sys.addaudithook(_audit)
+del _audit
 '''
 
 RUNNER = r'''
@@ -343,7 +500,8 @@ def run_python(
     """Run ``code`` as a script in a contained child; never raises for anything the code does.
 
     ``guard=False`` skips the Python-level guard (layer 6), which the tests use to prove that the OS
-    layers alone contain hostile code.
+    layers alone contain hostile code. With the mount namespace, the private ``/tmp`` (which holds the
+    working directory) and ``/dev/shm`` are limited to ``file_mb`` each and vanish with the run.
     """
     iso = isolation()
     start = time.perf_counter()
@@ -363,7 +521,10 @@ def run_python(
                 cgroup = _Cgroup(iso.cgroup, max_processes)
             except OSError:
                 cgroup = None
-        cmd = [*iso.prefix, iso.interpreter, "-I", "-B", "_runner.py"]
+        if iso.mount_namespace:  # the files are copied into a private /tmp; /tmp and /dev/shm get file_mb each
+            cmd = _setup_command(iso.prefix, iso.interpreter, workdir, iso.uid, file_mb, file_mb)
+        else:
+            cmd = [*iso.prefix, iso.interpreter, "-I", "-B", "_runner.py"]
         cpu_s = max(1, int(timeout) + 1)
         limits = _limits(memory_mb, max_processes, cpu_s, file_mb, cgroup.procs if cgroup else None)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -381,6 +542,8 @@ def run_python(
             duration = time.perf_counter() - start
             status = _status(rc, timed_out)
             stderr = _read(err)
+            if rc == SETUP_EXIT and iso.mount_namespace and "msn sandbox setup:" in stderr:
+                status = "error"
             if status == "killed" and rc == MEMORY_EXIT:
                 stderr += f"\n[msn sandbox: memory limit of {memory_mb} MB reached]"
             elif timed_out:
