@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from msn.errors import MsnError
 
@@ -20,6 +21,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("msn.bench.demo", "offline demo: a small benchmark on built-in prompts with the default model"),
     "tune-tree": ("msn.bench.tune", "measure this device and model, write the fastest draft tree"),
 }
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (raised to main) instead of usage text plus an exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _ArgumentError(message)
+
+
+# Flags that name input files: a file that is not UTF-8 text is reported by the first of these that is set.
+_INPUT_FLAGS = ("file", "questions", "data", "tree", "prompts")
+
+
+def _text_error(args: argparse.Namespace | None, e: UnicodeDecodeError) -> str:
+    for flag in _INPUT_FLAGS:
+        value = getattr(args, flag, None) if args is not None else None
+        if isinstance(value, str) and value != "-" and Path(value).is_file():
+            return (f"{value}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8 "
+                    f"(--{flag})")
+    return f"an input is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+
+
+def _os_error(e: OSError) -> str:
+    from msn.outputs import os_error_reason
+
+    where = e.filename if e.filename is not None else "a file"
+    return f"{where}: {os_error_reason(e)}; fix the path (or free space) and rerun"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,17 +79,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    sub = argparse.ArgumentParser(prog=f"msn {argv[0]}", description=COMMANDS[argv[0]][1])
+    sub = _OneLineParser(prog=f"msn {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    args = None
+    try:
+        args = sub.parse_args(argv[1:])
+    except _ArgumentError as e:
+        return _fail(argv[0], f"{e} (see msn {argv[0]} --help)")
     try:
         return int(module.run(args) or 0)
+    except _ArgumentError as e:
+        return _fail(argv[0], f"{e} (see msn {argv[0]} --help)")
     except MsnError as e:
-        print(f"msn {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(argv[0], str(e))
+    except UnicodeDecodeError as e:
+        return _fail(argv[0], _text_error(args, e))
+    except OSError as e:  # disk full, read-only folder, permission: found while working, reported in one line
+        return _fail(argv[0], _os_error(e))
     except KeyboardInterrupt:
         print(f"msn {argv[0]}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"msn {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from pathlib import Path
 from msn.errors import InputError
 
 _WHY = {
-    errno.EROFS: "is on a read-only file system",
-    errno.EACCES: "is not writable (permission denied)",
-    errno.EPERM: "is not writable (permission denied)",
-    errno.ENOSPC: "has no space left on its device",
-    errno.EDQUOT: "is over its disk quota",
-    errno.ENOTDIR: "has a file where a folder is needed",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a file is where a folder is needed",
+    errno.EISDIR: "a folder is where a file is needed",
 }
 
 
@@ -35,7 +36,7 @@ def _probe(folder: Path, flag: str, shown: Path) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise InputError(f"{shown} {os_error_reason(e)}; choose another {flag}", field=flag) from None
+        raise InputError(f"cannot write to {shown} ({os_error_reason(e)}); choose another {flag}") from None
 
 
 def _first_existing(p: Path) -> Path:
@@ -48,10 +49,10 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` is (or can become) a writable folder. Creates nothing: an unusable path leaves no trace."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise InputError(f"{p} is a file, not a folder; choose a folder for {flag}", field=flag)
+        raise InputError(f"{p} is a file, not a folder; choose a folder for {flag}")
     base = _first_existing(p.absolute())
     if not base.is_dir():
-        raise InputError(f"{base} is a file, so {p} cannot be a folder; choose another {flag}", field=flag)
+        raise InputError(f"{base} is a file, so {p} cannot be a folder; choose another {flag}")
     _probe(base, flag, p if base == p.absolute() else base)
     return p
 
@@ -60,12 +61,12 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` can be written as a file: not a folder, and its (nearest existing) parent writable."""
     p = Path(path)
     if p.is_dir():
-        raise InputError(f"{p} is a folder; give a file name for {flag}", field=flag)
+        raise InputError(f"{p} is a folder; give a file name for {flag}")
     if p.exists() and not os.access(p, os.W_OK):
-        raise InputError(f"{p} is not writable (permission denied); choose another {flag}", field=flag)
+        raise InputError(f"cannot write to {p} (permission denied); choose another {flag}")
     base = _first_existing(p.absolute().parent)
     if not base.is_dir():
-        raise InputError(f"{base} is a file, so {p} cannot be created; choose another {flag}", field=flag)
+        raise InputError(f"{base} is a file, so {p} cannot be created; choose another {flag}")
     _probe(base, flag, base)
     return p
 

@@ -45,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    from msn.bench.session import pick_device
+    from msn.outputs import check_output_dir
+
+    pick_device(args.device)
+    check_output_dir(args.out, "--out")  # before the banner: a bad input is the only line printed
     questions = demo_questions(args.limit)
     print(f"msn demo: {len(questions)} prompts x {len(methods)} methods ({', '.join(methods)}) on {args.model}, "
           f"{args.dtype}, up to {args.max_new_tokens} new tokens each", file=sys.stderr)

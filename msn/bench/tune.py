@@ -251,12 +251,18 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("prompts", "max_new_tokens", "past", "repeats"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out or f"tree-{Path(args.model).name}-{args.dtype}.json")
+    from msn.outputs import check_output_file
+
+    check_output_file(out, "--out")  # before measuring: a bad path must not throw the measurements away
+    check_output_file(out.with_name(out.stem + ".measure.json"), "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     start = resolve_tree(args.start_tree, torch.device(device), parse_dtype(args.dtype))
     name = f"tuned-{Path(args.model).name}-{args.dtype}-{device}"
-    out = Path(args.out or f"tree-{Path(args.model).name}-{args.dtype}.json")
     prompts = [q.turns[0] for q in demo_questions()[: args.prompts]]
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     tree, report = tune(model, tokenizer, prompts, start, name, sizes, args.past, args.repeats,

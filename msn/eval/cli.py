@@ -96,7 +96,17 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}", field=name)
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, got {args.limit}", field="limit")
-    from msn.models import load_model
+    if args.task == "denoise" and args.noise_length >= args.max_length:
+        raise InputError(f"--noise-length {args.noise_length} does not fit in --max-length {args.max_length} tokens; "
+                         "use a noise length below the max length", field="noise_length")
+    from msn.models import check_device, load_model, parse_dtype
+
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    if args.out:  # before the model loads: a bad --out must not cost an evaluation
+        from msn.outputs import check_output_file
+
+        check_output_file(args.out, "--out")
 
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
