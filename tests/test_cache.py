@@ -7,11 +7,11 @@ import torch
 from conftest import FAMILIES, TINY_VOCAB, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tree import make_drafts, tree_templates
+from test_trie import by_score, draft_from_paths, random_drafts
 
+from msn.decoding import trie as trie_mod
 from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
 from msn.decoding.engine import _tree_mask
-from msn.decoding.tree import TreeTemplate, build_buffers, fill_tree
 
 _MODELS: dict = {}
 
@@ -22,44 +22,55 @@ def _model(family):
     return _MODELS[family]
 
 
-def tree_forward(model, cache, step, past):
+def step_tree(root: int, drafts) -> trie_mod.StepTree:
+    trie = trie_mod.merge(root, drafts, by_score)
+    return trie_mod.compact(trie, *trie_mod.select(trie, None))
+
+
+def tree_forward(model, cache, tree: trie_mod.StepTree, past: int):
     return model(
-        input_ids=step.tokens[None],
-        position_ids=(step.depth + past)[None],
-        attention_mask=_tree_mask(step.ancestors, past, model.dtype),
+        input_ids=torch.tensor([tree.tokens]),
+        position_ids=(torch.tensor(tree.depths) + past)[None],
+        attention_mask=_tree_mask(tree.ancestors("cpu"), past, model.dtype),
         use_cache=True,
         **{cache_keyword(model): cache},
     ).logits[0]
 
 
-def keep_then_next(model, prompt: list[int], t: TreeTemplate, drafts, leaf_path: list[int], nxt: int):
+def keep_then_next(model, prompt: list[int], tree: trie_mod.StepTree, leaf_path: list[int], nxt: int):
     """Prefill, one tree step, keep root + ``leaf_path`` (compact indices), then one ordinary decode step."""
     cache = new_cache(model)
     kw = cache_keyword(model)
     model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, **{kw: cache})
-    step = fill_tree(build_buffers(t), prompt[-1], drafts)
-    tree_forward(model, cache, step, len(prompt) - 1)
-    keep = torch.tensor([0] + leaf_path)
-    keep_step_entries(cache, step.tokens.numel(), keep)
+    tree_forward(model, cache, tree, len(prompt) - 1)
+    assert cache.get_seq_length() == len(prompt) - 1 + len(tree)
+    keep_step_entries(cache, len(tree), torch.tensor([0] + leaf_path, dtype=torch.long))
     assert cache.get_seq_length() == len(prompt) + len(leaf_path)
-    kept = step.tokens[leaf_path].tolist()
+    kept = [tree.tokens[i] for i in leaf_path]
     logits = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **{kw: cache}).logits[0, -1]
     fresh = model(input_ids=torch.tensor([prompt + kept + [nxt]])).logits[0, -1]
     return logits, fresh
 
 
-# root, 1=(0,) 2=(1,) 3=(2,) 4=(0,0) 5=(1,0) 6=(0,0,0): path root->1->4->6 is [0,1,4,6], path to 5 is [0,2,5]
-TEMPLATE = TreeTemplate(((0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0)))
-TABLE = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]])
+# Two sources whose drafts share a prefix (20 -> 30): merged, the step tree is
+# 0 root(13), 1=20, 2=30 (under 20), 3=40 (under 30), 4=21, 5=31 (under 21), 6=22, 7=33 (under 20)
+DRAFTS = {
+    "jacobi": draft_from_paths([(20, 30, 40), (21, 31), (22,)]),
+    "retrieval": draft_from_paths([(20, 30), (20, 33)]),
+}
+TREE = step_tree(13, DRAFTS)
+
+
+def test_the_hand_made_tree():
+    assert TREE.tokens == [13, 20, 30, 40, 21, 31, 22, 33]
+    assert TREE.parents == [-1, 0, 1, 2, 0, 4, 0, 1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("leaf_path", [[1, 4, 6], [2, 5], [3], [], [1]], ids=str)
+@pytest.mark.parametrize("leaf_path", [[1, 2, 3], [4, 5], [6], [], [1], [1, 7]], ids=str)
 def test_keep_equals_fresh_forward(family, leaf_path):
     model = _model(family)
-    logits, fresh = keep_then_next(
-        model, [9, 10, 11, 12, 13], TEMPLATE, make_drafts(TEMPLATE, TABLE, []), leaf_path, 50
-    )
+    logits, fresh = keep_then_next(model, [9, 10, 11, 12, 13], TREE, leaf_path, 50)
     assert int(logits.argmax()) == int(fresh.argmax())
     torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
 
@@ -69,16 +80,15 @@ def test_keep_equals_fresh_forward(family, leaf_path):
 @given(data=st.data())
 def test_keep_random_paths(family, data):
     model = _model(family)
-    t = data.draw(tree_templates(max_nodes=10, max_depth=4, max_rank=3, max_retrieval=3))
-    k, d = max(t.top_k, 1), t.jacobi_depth
-    table = torch.tensor(data.draw(st.lists(st.integers(3, 40), min_size=k * d, max_size=k * d))).view(d, k)
-    chain = data.draw(st.lists(st.integers(3, 40), max_size=t.retrieval))
+    drafts = data.draw(random_drafts(max_nodes=5, vocab=40))
     prompt = data.draw(st.lists(st.integers(3, TINY_VOCAB - 1), min_size=2, max_size=12))
-    step = fill_tree(build_buffers(t), prompt[-1], make_drafts(t, table, chain))
-    row = data.draw(st.integers(0, step.paths.shape[0] - 1))
-    path = [x for x in step.paths[row].tolist() if x >= 0][1:]
-    path = path[: data.draw(st.integers(0, len(path)))]
-    logits, fresh = keep_then_next(model, prompt, t, make_drafts(t, table, chain), path, 60)
+    tree = step_tree(prompt[-1], drafts)
+    node = data.draw(st.integers(0, len(tree) - 1))
+    path = []
+    while node:
+        path.insert(0, node)
+        node = tree.parents[node]
+    logits, fresh = keep_then_next(model, prompt, tree, path, 60)
     torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
 
 

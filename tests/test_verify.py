@@ -1,4 +1,5 @@
-"""Greedy acceptance, on synthetic tensors and against a brute-force sequential decode of every path."""
+"""Greedy acceptance and argmax, on synthetic tries and against a brute-force decode of every path of a
+merged tree on real (tiny) models."""
 
 from __future__ import annotations
 
@@ -7,71 +8,102 @@ import torch
 from conftest import TINY_VOCAB, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tree import make_drafts, template_node_tokens, tree_templates
+from test_trie import by_score, chain_of, draft_from_paths, draft_sequences, node_sequences, random_drafts
 
+from msn.decoding import trie as trie_mod
 from msn.decoding.cache import cache_keyword, new_cache
 from msn.decoding.engine import _tree_mask
-from msn.decoding.tree import TreeTemplate, build_buffers, fill_tree
-from msn.decoding.verify import greedy_accept
+from msn.decoding.sources import Draft
+from msn.decoding.verify import argmax_rows, greedy_accept
 
 # ---------------------------------------------------------------------------------------------------------
-# Synthetic
+# greedy_accept, synthetic
 
 
-def reference_accept(
-    tokens: list[int], predicted: list[int], paths: list[list[int]]
-) -> tuple[int, int, list[int]]:
-    """(path row, accepted count, accepted nodes): first path with the longest run of matches."""
-    best = (0, -1, [])
-    for row, path in enumerate(paths):
-        nodes = []
-        for a, b in zip(path, path[1:], strict=False):
-            if b < 0 or tokens[b] != predicted[a]:
-                break
-            nodes.append(b)
-        if len(nodes) > best[1]:
-            best = (row, len(nodes), nodes)
-    return best
+def reference_accept(parents: list[int], tokens: list[int], predicted: list[int]) -> tuple[list[int], int]:
+    """A node is accepted when every node on its path matches the argmax after its parent; the deepest
+    accepted node's path is the answer and the bonus is the argmax after it."""
+    ok = [all(tokens[c] == predicted[parents[c]] for c in chain_of(parents, i) - {0}) for i in range(len(tokens))]
+    depth = [len(chain_of(parents, i)) - 1 for i in range(len(tokens))]
+    deepest = max((i for i in range(len(tokens)) if ok[i]), key=lambda i: depth[i])
+    path = sorted(chain_of(parents, deepest) - {0}, key=lambda i: depth[i])
+    return path, predicted[deepest]
 
 
-def test_minus_one_padding_never_matches():
-    # root token 5; a one-node path whose node predicts 5 (the root token) next. With 0-padding (the
-    # official bug) the pad would "match" and accept the root as a second draft token.
-    tokens = torch.tensor([5, 7, 8])
-    predicted = torch.tensor([7, 5, 1])
-    paths = torch.tensor([[0, 1, -1], [0, 2, -1]])
-    acc = greedy_accept(tokens, predicted, paths)
-    assert acc.accepted.tolist() == [1] and acc.bonus == 5 and acc.path == 0
-    zero_padded = paths.clamp(min=0)
-    assert greedy_accept(tokens, predicted, zero_padded).accepted.numel() == 2  # what -1 protects against
+@settings(max_examples=300, deadline=None)
+@given(random_drafts(), st.data())
+def test_greedy_accept_matches_reference(drafts, data):
+    trie = trie_mod.merge(0, drafts, by_score)
+    tree = trie_mod.compact(trie, *trie_mod.select(trie, None))
+    n = len(tree)
+    predicted = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    acc = greedy_accept(tree.children, predicted)
+    path, bonus = reference_accept(tree.parents, tree.tokens, predicted)
+    assert (acc.accepted, acc.bonus) == (path, bonus)
 
 
 def test_nothing_accepted_gives_root_argmax():
-    tokens = torch.tensor([5, 7, 8])
-    acc = greedy_accept(tokens, torch.tensor([3, 3, 3]), torch.tensor([[0, 1, 2]]))
-    assert acc.accepted.numel() == 0 and acc.bonus == 3
+    children = [{7: 1, 8: 2}, {}, {}]
+    acc = greedy_accept(children, [3, 3, 3])
+    assert acc.accepted == [] and acc.bonus == 3
 
 
-def test_ties_go_to_the_first_path():
-    tokens = torch.tensor([5, 7, 7])
-    predicted = torch.tensor([7, 1, 2])
-    acc = greedy_accept(tokens, predicted, torch.tensor([[0, 1], [0, 2]]))
-    assert acc.path == 0 and acc.bonus == 1
+def test_the_root_token_is_never_accepted_as_a_draft():
+    # root token 5, node 1 (token 7) predicts 5 next: a leaf, so 5 is the bonus, not a second accepted draft
+    acc = greedy_accept([{7: 1}, {}], [7, 5])
+    assert acc.accepted == [1] and acc.bonus == 5
 
 
-@settings(max_examples=150, deadline=None)
+def test_deep_path_through_the_matching_child():
+    # root -> 1 (7) -> 3 (9) ; root -> 2 (8) -> 4 (9)
+    children = [{7: 1, 8: 2}, {9: 3}, {9: 4}, {}, {}]
+    assert greedy_accept(children, [8, 9, 9, 1, 2]).accepted == [2, 4]
+    assert greedy_accept(children, [8, 9, 9, 1, 2]).bonus == 2
+    assert greedy_accept(children, [7, 9, 9, 1, 2]).accepted == [1, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argmax_rows
+
+
+def test_argmax_rows_with_ties_at_different_positions():
+    logits = torch.tensor(
+        [
+            [0.0, 5.0, 3.0, 5.0],  # tie between 1 and 3 -> 1
+            [7.0, 1.0, 7.0, 7.0],  # triple tie -> 0
+            [1.0, 2.0, 4.0, 4.0],  # tie at the end -> 2
+            [9.0, 1.0, 2.0, 3.0],  # no tie
+        ]
+    )
+    want = [1, 0, 2, 0]
+    assert logits.argmax(-1).tolist() == want
+    assert argmax_rows(logits) == want
+    for k in (1, 2, 3, 4):
+        assert argmax_rows(logits, *logits.topk(k, dim=-1)) == want
+    # a top-k that lists the tied maxima in the other order (topk does not promise the first index)
+    vals = torch.tensor([[5.0, 5.0], [7.0, 7.0], [4.0, 4.0], [9.0, 3.0]])
+    ids = torch.tensor([[3, 1], [3, 2], [3, 2], [0, 3]])
+    assert argmax_rows(logits, vals, ids) == want
+    # without a tie the top-k's first id is used as is
+    assert argmax_rows(logits[3:], vals[3:], ids[3:]) == [0]
+
+
+@settings(max_examples=200, deadline=None)
 @given(st.data())
-def test_greedy_accept_matches_reference(data):
-    t = data.draw(tree_templates(max_nodes=10, max_rank=2))
-    buf = build_buffers(t)
-    n = buf.num_nodes
-    tokens = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
-    predicted = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
-    paths = buf.paths.tolist()
-    acc = greedy_accept(torch.tensor(tokens), torch.tensor(predicted), buf.paths)
-    row, count, nodes = reference_accept(tokens, predicted, paths)
-    assert (acc.path, acc.accepted.tolist()) == (row, nodes)
-    assert acc.bonus == predicted[paths[row][count]]
+def test_argmax_rows_equals_argmax(data):
+    rows, vocab = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 9))
+    values = data.draw(st.lists(st.integers(-2, 2), min_size=rows * vocab, max_size=rows * vocab))
+    logits = torch.tensor(values, dtype=torch.float32).view(rows, vocab)  # few values: ties everywhere
+    want = logits.argmax(-1).tolist()
+    assert argmax_rows(logits) == want
+    k = data.draw(st.integers(1, vocab))
+    vals, ids = logits.topk(k, dim=-1)
+    assert argmax_rows(logits, vals, ids) == want
+    # shuffle equal values inside the top-k: still the first index of the maximum
+    perm = torch.stack([torch.randperm(k, generator=torch.Generator().manual_seed(i)) for i in range(rows)])
+    same = vals.gather(1, perm) == vals
+    ids2 = torch.where(same, ids.gather(1, perm), ids)
+    assert argmax_rows(logits, vals, ids2) == want
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,7 +128,6 @@ def greedy_continuation(model, ids: list[int], n: int) -> list[int]:
 def brute_force(model, prompt: list[int], seqs: list[list[int]]) -> tuple[int, list[int]]:
     """Longest accepted prefix over all node sequences and the committed tokens (accepted + bonus)."""
     best_len, best = -1, None
-    # one forward per maximal sequence: its argmaxes cover all of its prefixes
     leaves = {tuple(s) for s in seqs if not any(len(o) > len(s) and o[: len(s)] == s for o in seqs)}
     for s in map(list, sorted(leaves)):
         pred = model(torch.tensor([prompt + s])).logits[0, len(prompt) - 1 :].argmax(-1).tolist()
@@ -108,21 +139,40 @@ def brute_force(model, prompt: list[int], seqs: list[list[int]]) -> tuple[int, l
     return best_len, best
 
 
-def tree_step(model, prompt: list[int], t: TreeTemplate, drafts: torch.Tensor, max_depth):
+def prefill(model, prompt):
     cache = new_cache(model)
-    kw = cache_keyword(model)
     if len(prompt) > 1:
-        model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, **{kw: cache})
-    past = len(prompt) - 1
-    step = fill_tree(build_buffers(t), prompt[-1], drafts, max_depth=max_depth)
-    logits = model(
-        input_ids=step.tokens[None],
-        position_ids=(step.depth + past)[None],
-        attention_mask=_tree_mask(step.ancestors, past, torch.float32),
+        model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, **{cache_keyword(model): cache})
+    return cache
+
+
+def tree_logits(model, cache, tokens, depths, ancestors, past):
+    return model(
+        input_ids=torch.tensor([tokens]),
+        position_ids=(torch.tensor(depths) + past)[None],
+        attention_mask=_tree_mask(ancestors, past, model.dtype),
         use_cache=True,
-        **{kw: cache},
+        **{cache_keyword(model): cache},
     ).logits[0]
-    return step, logits, greedy_accept(step.tokens, logits.argmax(-1), step.paths)
+
+
+@st.composite
+def drafts_near_truth(draw, truth: list[int], sources=("jacobi", "retrieval", "recycling"), max_nodes: int = 5):
+    """Per source a random fragment whose token at depth d is the true greedy token or a random one, so
+    deep paths get accepted and identical siblings across sources are common."""
+    out = {}
+    for name in sources:
+        draft, depth = Draft(), []
+        for i in range(draw(st.integers(0, max_nodes))):
+            parent = draw(st.integers(-1, i - 1))
+            d = depth[parent] + 1 if parent >= 0 else 1
+            if d > len(truth):
+                continue
+            tok = truth[d - 1] if draw(st.booleans()) else draw(st.integers(3, TINY_VOCAB - 1))
+            draft.add(parent, tok, draw(st.sampled_from([0.1, 0.5, 0.9])), d, None)
+            depth.append(d)
+        out[name] = draft
+    return out
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
@@ -130,36 +180,22 @@ def tree_step(model, prompt: list[int], t: TreeTemplate, drafts: torch.Tensor, m
 @given(data=st.data())
 def test_tree_acceptance_equals_brute_force(family, data):
     model = _model(family)
-    t = data.draw(tree_templates(max_nodes=10, max_depth=4, max_rank=3, max_retrieval=4), label="tree")
     prompt = data.draw(st.lists(st.integers(3, TINY_VOCAB - 1), min_size=1, max_size=10), label="prompt")
-    max_depth = data.draw(st.none() | st.integers(0, 4), label="max_depth")
-    k, d = max(t.top_k, 1), t.jacobi_depth
-    truth = greedy_continuation(model, prompt, max(d, t.retrieval))
-    # Each table entry is the true greedy token at its depth or a random one, so deep paths get accepted.
-    table = torch.tensor(
-        [
-            [
-                truth[i] if data.draw(st.booleans()) else data.draw(st.integers(3, TINY_VOCAB - 1))
-                for _ in range(k)
-            ]
-            for i in range(d)
-        ],
-        dtype=torch.long,
-    ).view(d, k)
-    n_chain = data.draw(st.integers(0, t.retrieval))
-    chain = [truth[i] if data.draw(st.booleans()) else data.draw(st.integers(3, 50)) for i in range(n_chain)]
-    seqs = [[]] + [
-        s
-        for s in template_node_tokens(t, table, chain)
-        if -1 not in s and (max_depth is None or len(s) <= max_depth)
-    ]
+    truth = greedy_continuation(model, prompt, 4)
+    trie = trie_mod.merge(prompt[-1], data.draw(drafts_near_truth(truth), label="drafts"), by_score)
+    # verify everything, or only what a random t(n) curve pays for
+    t = data.draw(st.none() | st.lists(st.floats(0.5, 2.0), min_size=1, max_size=len(trie)), label="t")
+    tree = trie_mod.compact(trie, *trie_mod.select(trie, t))
+    past = len(prompt) - 1
+    logits = tree_logits(model, prefill(model, prompt), tree.tokens, tree.depths, tree.ancestors("cpu"), past)
+    acc = greedy_accept(tree.children, argmax_rows(logits, *logits.topk(4, dim=-1)))
 
-    step, logits, acc = tree_step(model, prompt, t, make_drafts(t, table, chain), max_depth)
+    seqs = [list(s) for s in node_sequences(tree.parents, tree.tokens)]
     want_len, want = brute_force(model, prompt, seqs)
-    got = step.tokens[acc.accepted].tolist() + [acc.bonus]
-    assert acc.accepted.numel() == want_len
+    got = [tree.tokens[i] for i in acc.accepted] + [acc.bonus]
+    assert len(acc.accepted) == want_len
     assert got == want
-    assert got[: len(truth)] == truth[: len(got)]  # the committed tokens are the greedy continuation
+    assert got == truth[: len(got)], "the committed tokens are the greedy continuation"
 
 
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
@@ -168,26 +204,39 @@ def test_merged_tree_gives_the_same_logits_as_unmerged(family):
     model = _model(family)
     prompt = [9, 17, 33, 9, 17]
     truth = greedy_continuation(model, prompt, 3)
-    t = TreeTemplate(((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)), 3)
-    table = torch.tensor([[truth[0], 40], [truth[1], 41], [truth[2], 42]])
-    drafts = make_drafts(t, table, truth[:3])  # the chain repeats the top-1 Jacobi path: fully merged
-    merged, logits_m, acc_m = tree_step(model, prompt, t, drafts, None)
-    assert merged.tokens.numel() == 7 < build_buffers(t).num_nodes == 10
+    drafts = {
+        "jacobi": draft_from_paths([tuple(truth), (truth[0], truth[1], 40), (truth[0], 41), (42, 43)]),
+        "retrieval": draft_from_paths([tuple(truth)]),  # the chain repeats the top Jacobi path: fully merged
+        "recycling": draft_from_paths([(truth[0], 41, 50), (42,)]),
+    }
+    trie = trie_mod.merge(prompt[-1], drafts, by_score)
+    merged = trie_mod.compact(trie, *trie_mod.select(trie, None))
+    past = len(prompt) - 1
+    logits_m = tree_logits(model, prefill(model, prompt), merged.tokens, merged.depths, merged.ancestors("cpu"),
+                           past)
+    acc_m = greedy_accept(merged.children, argmax_rows(logits_m))
 
-    # The same step without merging: every template node, template ancestors and paths.
-    buf = build_buffers(t)
-    tokens = torch.cat([torch.tensor([prompt[-1]]), drafts[buf.source[1:]]])
-    cache = new_cache(model)
-    kw = cache_keyword(model)
-    model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, **{kw: cache})
-    logits_u = model(
-        input_ids=tokens[None],
-        position_ids=(buf.depth + len(prompt) - 1)[None],
-        attention_mask=_tree_mask(buf.ancestors, len(prompt) - 1, torch.float32),
-        use_cache=True,
-        **{kw: cache},
-    ).logits[0]
-    acc_u = greedy_accept(tokens, logits_u.argmax(-1), buf.paths)
-    torch.testing.assert_close(logits_m[merged.compact_of], logits_u, rtol=1e-4, atol=1e-4)
-    assert merged.tokens[acc_m.accepted].tolist() == tokens[acc_u.accepted].tolist() == truth[:3]
-    assert acc_m.bonus == acc_u.bonus
+    # The same step without merging: every draft node separately, parents by definition.
+    tokens, parents, seqs = [prompt[-1]], [-1], [()]
+    for draft in drafts.values():
+        offset = len(tokens)
+        tokens += draft.tokens
+        parents += [p + offset if p >= 0 else 0 for p in draft.parents]
+        seqs += draft_sequences(draft)
+    n = len(tokens)
+    assert len(merged) == 9 < n == 15
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        anc[i, list(chain_of(parents, i))] = True
+    depths = [len(s) for s in seqs]
+    logits_u = tree_logits(model, prefill(model, prompt), tokens, depths, anc, past)
+    merged_seqs = node_sequences(merged.parents, merged.tokens)
+    index = [merged_seqs.index(s) for s in seqs]
+    torch.testing.assert_close(logits_m[index], logits_u, rtol=1e-4, atol=1e-4)
+    # acceptance on the unmerged tree: walk to the first child matching the argmax
+    pred_u, node, got_u = logits_u.argmax(-1).tolist(), 0, []
+    while (nxt := next((c for c in range(n) if parents[c] == node and tokens[c] == pred_u[node]), None)) is not None:
+        got_u.append(tokens[nxt])
+        node = nxt
+    assert [merged.tokens[i] for i in acc_m.accepted] == got_u == truth
+    assert acc_m.bonus == pred_u[node]

@@ -1,0 +1,150 @@
+"""t(n): the forward latency curve the auto tree is sized with, measured, cached and refined online."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import msn
+from msn.decoding import costs
+from msn.decoding.costs import (
+    GRID,
+    Latency,
+    cache_key,
+    latency_path,
+    load_or_measure,
+    measure_forward,
+    monotone,
+)
+from msn.decoding.engine import decoder_state
+
+# ---------------------------------------------------------------------------------------------------------
+# Latency
+
+
+def test_interpolation_and_extrapolation():
+    lat = Latency({8: 4.0, 0: 1.0, 4: 2.0})
+    assert lat.sizes == [0, 4, 8] and lat.max_nodes == 8
+    assert [lat.predict(n) for n in (0, 2, 4, 6, 8)] == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert lat.predict(10) == 5.0 and lat.predict(12) == 6.0, "linear beyond the last point"
+    assert lat.curve(3) == [1.0, 1.25, 1.5, 1.75]
+    assert len(lat.curve(10)) == 11
+    assert Latency({1: 0.5}).predict(7) == 0.5, "a single point: constant"
+    assert Latency({1: 0.5, 2: 5.0}).predict(0) == pytest.approx(1e-9), "never zero or negative"
+    assert lat.to_dict() == {"sizes": [0, 4, 8], "seconds": [1.0, 2.0, 4.0], "source": "measured"}
+
+
+def test_measured_points_are_made_non_decreasing():
+    assert monotone([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert monotone([5.0, 1.0, 0.0]) == [2.0, 2.0, 2.0]
+    assert monotone([1.0, 1.0, 2.0]) == [1.0, 1.0, 2.0]
+    assert monotone([]) == []
+    lat = Latency({0: 1.0, 1: 3.0, 2: 2.0, 4: 4.0})
+    assert lat.seconds == [1.0, 2.5, 2.5, 4.0]
+    assert lat.curve(4) == sorted(lat.curve(4)), "verifying more never costs less"
+
+
+def test_observe_moves_the_nearby_grid_points():
+    lat = Latency({0: 1.0, 4: 2.0, 8: 4.0})
+    lat.observe(4, 3.0)  # on a grid point: only that point moves, by ALPHA of the way (ratio 1.5)
+    assert lat.seconds == pytest.approx([1.0, 2.0 * (1 + costs.ALPHA * 0.5), 4.0])
+    lat = Latency({0: 1.0, 4: 2.0, 8: 4.0})
+    lat.observe(2, 3.0)  # halfway between 0 and 4: both move by half as much (ratio 2)
+    assert lat.seconds == pytest.approx([1.0 * (1 + costs.ALPHA * 0.5), 2.0 * (1 + costs.ALPHA * 0.5), 4.0])
+    lat = Latency({0: 1.0, 4: 2.0, 8: 4.0})
+    lat.observe(50, 1.0)  # beyond the grid: the last point
+    assert lat.seconds[:2] == [1.0, 2.0] and lat.seconds[2] < 4.0
+    lat = Latency({0: 1.0, 4: 2.0, 8: 4.0})
+    lat.observe(6, 3.0)  # exactly as predicted: nothing moves
+    assert lat.seconds == pytest.approx([1.0, 2.0, 4.0])
+
+
+def test_observe_converges_to_the_observed_time():
+    lat = Latency({0: 1.0, 4: 2.0, 8: 4.0})
+    for _ in range(300):
+        lat.observe(4, 3.0)
+    assert lat.predict(4) == pytest.approx(3.0, rel=1e-3)
+    assert lat.predict(0) == 1.0
+
+
+@pytest.mark.parametrize("outlier, clipped", [(1000.0, 4.0), (1e-6, 0.25)])
+def test_observe_clips_outliers(outlier, clipped):
+    a, b = Latency({0: 1.0, 4: 2.0}), Latency({0: 1.0, 4: 2.0})
+    a.observe(4, 2.0 * outlier)
+    b.observe(4, 2.0 * clipped)
+    assert a.seconds == b.seconds
+    assert a.seconds[1] == pytest.approx(2.0 * (1 + costs.ALPHA * (clipped - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_measure_forward_one_positive_time_per_size(family):
+    model = tiny_model(family)
+    times = measure_forward(model, [1, 2, 5, 9], past=16, repeats=2)
+    assert sorted(times) == [1, 2, 5, 9]
+    assert all(isinstance(t, float) and t > 0 for t in times.values())
+
+
+def test_load_or_measure_writes_then_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "_busy", lambda: False)  # this test machine is shared: its load varies
+    calls = []
+    real = costs.measure_forward
+
+    def spy(model, sizes, *args, **kwargs):
+        calls.append(list(sizes))
+        return real(model, sizes, past=16, repeats=1)
+
+    monkeypatch.setattr(costs, "measure_forward", spy)
+    model = tiny_model("llama")
+    path = latency_path(model)
+    assert path.parent == tmp_path / "latency" and not path.exists()
+    first = load_or_measure(model)
+    assert calls == [[n + 1 for n in GRID]], "the root plus n tree tokens"
+    assert first.sizes == list(GRID) and all(s > 0 for s in first.seconds)
+    data = json.loads(path.read_text())
+    assert data["sizes"] == list(GRID) and data["seconds"] == first.seconds
+    assert not list(path.parent.glob("*.tmp")), "written atomically"
+    # reused: no measurement, same curve; the same shapes with other weights share it
+    again = load_or_measure(tiny_model("llama", seed=7))
+    assert len(calls) == 1 and again.seconds == first.seconds and again.source == str(path)
+    # another dtype is another key; a corrupt file is measured again
+    assert cache_key(tiny_model("llama", dtype=torch.bfloat16)) != cache_key(model)
+    assert cache_key(tiny_model("qwen2")) != cache_key(model)
+    path.write_text("{not json")
+    load_or_measure(model)
+    assert len(calls) == 2 and json.loads(path.read_text())["sizes"] == list(GRID)
+
+
+def test_a_busy_cpu_measurement_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "_busy", lambda: True)
+    real = costs.measure_forward
+    monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1))
+    model = tiny_model("llama")
+    latency = load_or_measure(model)
+    assert latency.sizes == list(GRID) and "busy" in latency.source
+    assert not latency_path(model).exists()
+
+
+def test_auto_tree_measures_once_and_refines_online(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "_busy", lambda: False)
+    real = costs.measure_forward
+    monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1))
+    model = tiny_model("gemma3")
+    ids = torch.tensor([[40, 41, 42, 43, 40, 41, 42]])
+    out = msn.generate(model, ids, max_new_tokens=12, eos_token_id=[])  # tree=None: the auto tree
+    assert out.tree.name == "auto" and latency_path(model).is_file()
+    latency = decoder_state(model).latency
+    assert latency is not None and latency.sizes == list(GRID)
+    assert latency.seconds != json.loads(latency_path(model).read_text())["seconds"], "refined by the steps"
+    assert all(0 <= n <= latency.max_nodes for n in out.tree_sizes)
+    ref = msn.generate(model, ids, max_new_tokens=12, method="ar", eos_token_id=[])
+    assert torch.equal(out.sequences, ref.sequences)
