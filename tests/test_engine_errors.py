@@ -108,7 +108,7 @@ def test_sliding_window_overflow_is_refused(guarded):
         ({"jacobi": [[0], [0]]}, "twice"),
         ({"nodes": [[2, 0], [1, 0]]}, "cycle"),
         ({"jacobi": [[0] * d for d in range(1, 18)]}, "maximum draft depth"),
-        ("no-such-preset", "not a preset"),
+        ("no-such-preset", "a preset"),
     ],
 )
 def test_invalid_tree_is_refused(guarded, tree, match):
@@ -127,3 +127,64 @@ def test_errors_are_single_clear_lines(guarded):
     with pytest.raises(MsnError) as e:
         msn.generate(guarded(), torch.full((3, 5), 5), max_new_tokens=4)
     assert "\n" not in str(e.value) and "not supported yet" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No keyword is silently ignored; no input silently reinterpreted
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_token": 5}, "max_new_token"),  # a typo must not run with the default length
+        ({"num_beams": 4}, "num_beams"),
+        ({"do_sample": True, "temperature": 1.0}, "greedy only"),
+        ({"temperature": 0.7}, "temperature"),
+        ({"max_new_tokens": 5.0}, "integer"),
+        ({"max_new_tokens": True}, "integer"),
+        ({"attention_mask": torch.tensor([[0, 1, 1]])}, "padding"),
+        ({"attention_mask": torch.tensor([[1, 1]])}, "padding"),  # wrong shape
+    ],
+)
+def test_unknown_or_unsupported_keywords_raise(guarded, kwargs, match):
+    model = guarded()
+    with pytest.raises(MsnError, match=match):
+        msn.generate(model, torch.tensor([[5, 6, 7]]), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.tensor([[5.0, 6.0]]), "integer"),
+        ([[5, 6.5]], "integer"),
+        ("5 6", "tensor"),
+        (torch.tensor([[5, 6, 100000]]), "vocabulary"),
+        (torch.tensor([[-1, 6]]), "vocabulary"),
+    ],
+)
+def test_bad_ids_are_refused(guarded, ids, match):
+    with pytest.raises(MsnError, match=match):
+        msn.generate(guarded(), ids, max_new_tokens=3)
+
+
+def test_all_ones_mask_and_list_ids_are_fine():
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 5, 6]])
+    ref = msn.generate(model, ids, max_new_tokens=6, method="ar").sequences
+    got = msn.generate(model, [[5, 6, 7, 5, 6]], max_new_tokens=6, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got.sequences, ref)
+
+
+def test_training_mode_model_decodes_as_in_eval_and_stays_in_training():
+    model = tiny_model("llama")
+    for m in model.modules():  # dropout that would change the output if left on
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    ids = torch.tensor([[5, 6, 7, 5, 6]])
+    ref = msn.generate(model, ids, max_new_tokens=12, method="tr-jacobi", tree="official-68").sequences
+    model.train()
+    noisy = model(ids).logits, model(ids).logits
+    assert not torch.equal(*noisy), "precondition: in training mode the forward is random"
+    got = msn.generate(model, ids, max_new_tokens=12, method="tr-jacobi", tree="official-68").sequences
+    assert torch.equal(got, ref)
+    assert model.training, "the caller's mode is restored"

@@ -234,7 +234,7 @@ def test_static_template_for_every_method(name, method):
         assert part.retrieval == (t.retrieval or max(t.depth, 1)) >= 1
     elif method == "recycling":
         assert (part.jacobi, part.retrieval) == ((), 0)
-        assert part.recycling == (t.recycling or max(t.size, 1)) >= 1
+        assert part.recycling == (t.recycling or min(max(t.size, 1), AUTO_MAX_NODES)) >= 1
     if method != "tr-jacobi":
         assert part.name == ("ar" if method == "ar" else f"{t.name}/{method}")
 
@@ -245,27 +245,18 @@ def test_unknown_method_is_refused(tree):
         tree.for_method("beam")
 
 
-@pytest.mark.parametrize(
-    "name, method",
-    [
-        pytest.param(
-            name,
-            method,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="for_method('recycling') gives a template of size() recycling nodes (68 for official-68), "
-                "more than from_dict accepts (<= AUTO_MAX_NODES = 64): its own to_dict() does not load back",
-            ),
-        )
-        if TEMPLATES[name].for_method(method).recycling > AUTO_MAX_NODES
-        else (name, method)
-        for name in TEMPLATES
-        for method in METHODS
-    ],
-)
+@pytest.mark.parametrize("name, method", [(name, method) for name in TEMPLATES for method in METHODS])
 def test_every_per_method_part_roundtrips_through_json(name, method):
     part = TEMPLATES[name].for_method(method)
+    assert part.recycling <= AUTO_MAX_NODES
     assert TreeTemplate.from_dict(part.to_dict()) == part
+
+
+@pytest.mark.parametrize("fields, match", [({"recycling": -1}, "recycling"), ({"recycling": True}, "recycling"),
+                                           ({"recycling": 65}, "<= 64"), ({"retrieval": -2}, "retrieval")])
+def test_constructor_validates_counts(fields, match):
+    with pytest.raises(TreeError, match=match):
+        TreeTemplate(((0,),), **fields)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from msn.bench.tune import (
     to_template,
 )
 from msn.cli import main
-from msn.decoding.tree import TREE_PRESETS, TreeTemplate, build_buffers
+from msn.decoding.engine import _template_tags
+from msn.decoding.tree import TREE_PRESETS, TreeTemplate
 
 
 @pytest.fixture(autouse=True)
@@ -116,15 +117,16 @@ def test_interpolate():
 
 
 def test_template_nodes_follow_engine_order():
+    """tune-tree's node keys index ``GenerateOutput.node_hits`` exactly as the engine fills it."""
     t = TREE_PRESETS["official-68"]
     keys = template_nodes(t)
-    buf = build_buffers(t)
-    assert len(keys) == t.size == buf.num_nodes - 1
-    pos = {k: i + 1 for i, k in enumerate(keys)}
-    for k in keys:
-        expected = pos[parent_of(k)] if parent_of(k) is not None else 0
-        assert int(buf.parent[pos[k]]) == expected
-        assert int(buf.depth[pos[k]]) == len(k[1]) if k[0] == "j" else k[1][0]
+    tags = _template_tags(t)
+    assert len(keys) == t.size == len(tags)
+    for i, (kind, path) in enumerate(keys, start=1):
+        tag = ("jacobi", path) if kind == "j" else ("retrieval", path[0])
+        assert tags[tag] == i
+        parent = parent_of((kind, path))
+        assert parent is None or keys.index(parent) + 1 < i  # parents come first
 
 
 def test_measure_costs_times_each_size():

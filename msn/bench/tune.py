@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
+from msn.decoding.costs import measure_forward, remeasure
 from msn.decoding.tree import TreeTemplate, resolve_tree
 from msn.errors import InputError
 
@@ -138,37 +136,10 @@ def interpolate(costs: dict[int, float]) -> Callable[[int], float]:
     return f
 
 
-@torch.inference_mode()
 def measure_costs(model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200, repeats: int = 5,
                   seed: int = 0) -> dict[int, float]:
-    """Median seconds of one forward over k new tokens on a ``past``-token cache, as the engine runs it
-    (k = 1: plain causal step; k > 1: explicit positions and an additive 4-D mask)."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    device, dtype = model.device, model.dtype
-    kw = cache_keyword(model)
-    cache = new_cache(model)
-    model(input_ids=torch.randint(0, vocab, (1, past), generator=gen).to(device), use_cache=True, **{kw: cache})
-    none_kept = torch.empty(0, dtype=torch.long, device=device)
-    out: dict[int, float] = {}
-    for k in sizes:
-        ids = torch.randint(0, vocab, (1, k), generator=gen).to(device)
-        extra = {}
-        if k > 1:
-            mask = torch.zeros(1, 1, k, past + k, dtype=dtype, device=device)
-            causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
-            mask[0, 0, :, past:].masked_fill_(~causal, torch.finfo(dtype).min)
-            extra = {"attention_mask": mask, "position_ids": torch.arange(past, past + k, device=device)[None]}
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up for this shape
-            start = time.perf_counter()
-            model(input_ids=ids, use_cache=True, **{kw: cache}, **extra)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-            keep_step_entries(cache, k, none_kept)
-        out[k] = statistics.median(times[1:])
-    return out
+    """Median seconds of one forward over k new tokens (see :func:`msn.decoding.costs.measure_forward`)."""
+    return measure_forward(model, sizes, past, repeats, seed)
 
 
 def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequence[str],
@@ -203,6 +174,9 @@ def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: st
     log(f"measuring forward cost for {', '.join(map(str, sizes))} tokens on a {past}-token past ...")
     costs = measure_costs(model, sizes, past, repeats)
     log("  " + "  ".join(f"{k}: {1000 * v:.1f} ms" for k, v in costs.items()))
+    latency, path = remeasure(model)
+    log(f"auto tree t(n) remeasured ({path}): "
+        + "  ".join(f"{n}: {1000 * t:.1f} ms" for n, t in zip(latency.sizes, latency.seconds, strict=True)))
     log(f"measuring acceptance per node of {start.name} ({start.size} nodes) on {len(prompts)} prompts ...")
     probs, steps, chain_share = measure_acceptance(model, tokenizer, start, prompts, max_new_tokens)
     nodes = [Node(k, parent_of(k), p) for k, p in zip(template_nodes(start), probs, strict=True)]

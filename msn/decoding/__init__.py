@@ -1,6 +1,7 @@
-"""TR-Jacobi decoding: drafts (jacobi, retrieval) -> tree -> verify -> cache -> engine."""
+"""TR-Jacobi decoding: draft sources (jacobi, retrieval, recycling) -> token tree -> verify -> cache -> engine."""
 
-from msn.decoding.engine import METHODS, GenerateOutput, generate
-from msn.decoding.tree import TREE_PRESETS, TreeError, TreeTemplate, default_tree
+from msn.decoding.engine import GenerateOutput, generate
+from msn.decoding.tree import METHODS, TREE_PRESETS, AutoTree, TreeError, TreeTemplate, default_tree
 
-__all__ = ["METHODS", "TREE_PRESETS", "GenerateOutput", "TreeError", "TreeTemplate", "default_tree", "generate"]
+__all__ = ["METHODS", "TREE_PRESETS", "AutoTree", "GenerateOutput", "TreeError", "TreeTemplate", "default_tree",
+           "generate"]

@@ -1,24 +1,29 @@
-"""The decoding loop: prefill once, then draft -> tree -> one forward -> accept -> keep the cache.
+"""The decoding loop: prefill once, then per step propose -> tree -> forward -> accept -> keep -> observe
+-> commit.
 
-Every method is the same loop with a different tree: ``ar`` has no draft nodes (plain greedy decoding on
-the same cache, our baseline), ``jacobi`` only Jacobi candidates, ``retrieval`` only the prompt-lookup
-chain, ``tr-jacobi`` both. Greedy verification makes the output identical to plain greedy decoding.
+Every method is the same loop with different draft sources (``ar`` has none: plain greedy decoding on the
+same cache, our baseline). Greedy verification makes the output identical to plain greedy decoding; the
+drafts and the tree only decide how many tokens one forward commits.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
+from msn.decoding import trie as trie_mod
 from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
-from msn.decoding.drafts import JacobiTable, RetrievalIndex
-from msn.decoding.tree import TreeTemplate, build_buffers, fill_tree, resolve_tree
-from msn.decoding.verify import greedy_accept
-from msn.errors import MsnError
+from msn.decoding.calibrate import Calibrator
+from msn.decoding.costs import Latency, load_or_measure
+from msn.decoding.request import Request, parse_request
+from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, VerifiedStep
+from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
+from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
 
-METHODS = ("ar", "jacobi", "retrieval", "tr-jacobi")
+__all__ = ["METHODS", "GenerateOutput", "generate"]
 
 
 @dataclass
@@ -29,71 +34,70 @@ class GenerateOutput:
     accept_lengths: list[int]  # tokens committed per step (accepted drafts + the bonus token)
     wall_time: float  # seconds, prefill included
     method: str = "tr-jacobi"
-    tree: TreeTemplate | None = None
-    node_hits: torch.Tensor | None = None  # per template node (root first): steps it was accepted
+    tree: Tree | None = None
+    # Per source name, per step: accepted draft tokens that source drafted (a token several sources drafted,
+    # merged siblings, counts for each) and draft nodes of that source in the verified tree. Empty for ``ar``.
+    accepted_by_source: dict[str, list[int]] = field(default_factory=dict)
+    nodes_by_source: dict[str, list[int]] = field(default_factory=dict)
+    tree_sizes: list[int] = field(default_factory=list)  # per step: draft nodes verified (root excluded)
+    node_hits: torch.Tensor | None = None  # static templates: per template node (root first), steps accepted
     retrieval_lengths: list[int] | None = None  # per step: tokens the retrieval chain drafted (0: no match)
-    # Per step: accepted draft tokens that a Jacobi node / a retrieval node drafted (a token both drafted,
-    # merged siblings, counts for both). None without draft nodes (``ar``). Says which source the speed-up came from.
-    jacobi_accepted: list[int] | None = None
-    retrieval_accepted: list[int] | None = None
 
     @property
     def mean_accepted(self) -> float:
         return sum(self.accept_lengths) / max(len(self.accept_lengths), 1)
 
+    @property
+    def jacobi_accepted(self) -> list[int] | None:
+        return self.accepted_by_source.get("jacobi")
 
-def _context_limit(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def _eos_set(model, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, torch.Tensor):
-        eos_token_id = eos_token_id.tolist()
-    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, list | tuple | set) else [eos_token_id])}
+    @property
+    def retrieval_accepted(self) -> list[int] | None:
+        return self.accepted_by_source.get("retrieval")
 
 
-def check_request(model, input_ids: torch.Tensor, max_new_tokens: int, template: TreeTemplate) -> None:
-    """Refuse what we cannot do correctly, before any compute."""
-    if input_ids.dim() != 2:
-        raise MsnError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
-    if input_ids.shape[0] != 1:
-        raise MsnError(f"batch size {input_ids.shape[0]} is not supported yet: msn decodes one sequence at a time")
-    if input_ids.shape[1] == 0:
-        raise MsnError("empty prompt: give at least one token")
-    if max_new_tokens < 1:
-        raise MsnError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config = model.config
-    limit = _context_limit(config)
-    total = input_ids.shape[1] + max_new_tokens
-    if limit is not None and total > limit:
-        raise MsnError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-            f"model's context of {limit} tokens"
-        )
-    attn = getattr(config, "_attn_implementation", None) or "eager"
-    if template.size and "flash" in attn:
-        raise MsnError(
-            f"attention backend {attn!r} ignores 4-D attention masks, which tree verification needs; "
-            "load the model with attn_implementation='sdpa' (or 'eager')"
-        )
-    if template.size and not getattr(model, "_supports_attention_backend", True) and attn not in ("sdpa", "eager"):
-        raise MsnError(f"model {type(model).__name__} does not support custom 4-D attention masks")
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    uses_window = window and (not layer_types or "sliding_attention" in layer_types)
-    if template.size and uses_window and total + template.size + 1 > window - 1:
-        raise MsnError(
-            f"sequence of {total} tokens (+ {template.size + 1} tree tokens) exceeds the sliding window of "
-            f"{window}: tree decoding beyond the window is not supported yet (use method='ar')"
-        )
+@dataclass
+class DecoderState:
+    """What a model's decoder keeps across requests: its sources (the recycling table lives there), the
+    calibration counters and the latency curve."""
+
+    sources: dict[str, DraftSource]
+    calibrator: Calibrator = field(default_factory=Calibrator)
+    latency: Latency | None = None
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_state(model) -> DecoderState:
+    state = _STATES.get(model)
+    if state is None:
+        state = DecoderState({name: cls() for name, cls in SOURCES.items()})
+        _STATES[model] = state
+    return state
+
+
+@torch.inference_mode()
+def generate(model, input_ids=None, max_new_tokens: int | None = None, method: str = "tr-jacobi",
+             tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
+             seed: int = 0, generation_config=None, attention_mask=None, **kwargs) -> GenerateOutput | torch.Tensor:
+    """Greedy generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding.
+
+    Returns a :class:`GenerateOutput`. Also works as ``model.generate(ids, custom_generate=msn.generate,
+    method=..., tree=...)``: then settings come from the generation config and the sequences are returned.
+    Unknown or unsupported keywords raise :class:`msn.errors.MsnError` instead of being ignored.
+    """
+    req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
+                        attention_mask, kwargs)
+    was_training = model.training
+    if was_training:
+        model.eval()  # dropout on would decode a different (degenerate) text
+    try:
+        out = _Decoder(model, req, streamer, seed).run()
+    finally:
+        if was_training:
+            model.train()
+    return out.sequences if req.via_hf else out
 
 
 def _tree_mask(ancestors: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
@@ -105,147 +109,206 @@ def _tree_mask(ancestors: torch.Tensor, past: int, dtype: torch.dtype) -> torch.
     return mask
 
 
-@torch.inference_mode()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int | None = None,
-    method: str = "tr-jacobi",
-    tree: TreeTemplate | str | None = None,
-    eos_token_id: int | list[int] | None = None,
-    streamer=None,
-    seed: int = 0,
-    generation_config=None,
-    **kwargs,
-) -> GenerateOutput | torch.Tensor:
-    """Greedy generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval``) decoding.
+class _Decoder:
+    """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
-    Returns a :class:`GenerateOutput`. Also works as ``model.generate(ids, custom_generate=msn.generate,
-    method=..., tree=...)``: then settings come from the generation config and the sequences are returned.
-    """
-    via_hf = generation_config is not None
-    if via_hf:
-        if getattr(generation_config, "do_sample", False):
-            raise MsnError("msn decoding is greedy only: pass do_sample=False")
-        if max_new_tokens is None:
-            max_new_tokens = generation_config.max_new_tokens or (generation_config.max_length - input_ids.shape[1])
-        if eos_token_id is None:
-            eos_token_id = generation_config.eos_token_id
-    if max_new_tokens is None:
-        max_new_tokens = 128
-    if method not in METHODS:
-        raise MsnError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    device = input_ids.device
-    template = resolve_tree(tree, device, model.dtype).for_method(method)
-    check_request(model, input_ids, max_new_tokens, template)
-    out = _decode(model, input_ids, max_new_tokens, template, _eos_set(model, eos_token_id), streamer, seed)
-    out.method = method
-    return out.sequences if via_hf else out
+    def __init__(self, model, req: Request, streamer, seed: int):
+        self.model, self.req, self.streamer = model, req, streamer
+        self.device, self.dtype = req.input_ids.device, model.dtype
+        self.kw = cache_keyword(model)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.prompt_len = req.input_ids.shape[1]
+        self.committed = torch.empty(self.prompt_len + req.max_new_tokens, dtype=torch.long, device=self.device)
+        self.committed[: self.prompt_len] = req.input_ids[0]
+        self.length = self.prompt_len
+        self.state = decoder_state(model)
+        self.auto = isinstance(req.tree, AutoTree)
+        names = req.tree.sources
+        self.sources = {name: self.state.sources[name] for name in names}
+        for name, src in self.sources.items():
+            src.configure(None if self.auto else req.tree.shape(name))
+        self.top_k = max((getattr(s, "top_k_needed", 0) for s in self.sources.values()), default=0)
+        self.latency = None
+        if self.auto and self.sources:
+            if self.state.latency is None:
+                self.state.latency = load_or_measure(model)
+            self.latency = self.state.latency
+        self.accept_lengths: list[int] = []
+        self.accepted_by_source = {name: [] for name in SOURCES} if self.sources else {}
+        self.nodes_by_source = {name: [] for name in SOURCES} if self.sources else {}
+        self.tree_sizes: list[int] = []
+        self.chain_lengths: list[int] = []
+        self.tags = _template_tags(req.tree) if isinstance(req.tree, TreeTemplate) else None
+        self.node_hits = torch.zeros(len(self.tags) + 1, dtype=torch.long) if self.tags is not None else None
+        self.done = False
 
+    # -- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> GenerateOutput:
+        if self.streamer is not None:
+            self.streamer.put(self.req.input_ids.cpu())
+        start = time.perf_counter()
+        self.prefill()
+        while not self.done:
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - start
+        if self.streamer is not None:
+            self.streamer.end()
+        return GenerateOutput(
+            sequences=self.committed[None, : self.length].clone(),
+            new_tokens=self.length - self.prompt_len,
+            steps=len(self.accept_lengths),
+            accept_lengths=self.accept_lengths,
+            wall_time=wall,
+            method=self.req.method,
+            tree=self.req.tree,
+            accepted_by_source=self.accepted_by_source,
+            nodes_by_source=self.nodes_by_source,
+            tree_sizes=self.tree_sizes,
+            node_hits=self.node_hits,
+            retrieval_lengths=self.chain_lengths,
+        )
 
-def _decode(model, input_ids, max_new_tokens, template, eos, streamer, seed) -> GenerateOutput:
-    device, dtype = input_ids.device, model.dtype
-    kw = cache_keyword(model)
-    buf = build_buffers(template, device)
-    gen = torch.Generator().manual_seed(seed)
-    prompt_len = input_ids.shape[1]
-    committed = torch.empty(prompt_len + max_new_tokens, dtype=torch.long, device=device)
-    committed[:prompt_len] = input_ids[0]
-    length = prompt_len
-    jacobi = JacobiTable(template.jacobi_depth, template.top_k, gen) if template.jacobi else None
-    retrieval = RetrievalIndex(template.retrieval) if template.retrieval else None
-    if jacobi is not None:
-        jacobi.reset(input_ids[0])
-    if retrieval is not None:
-        retrieval.extend(input_ids[0].tolist())
-    empty_chain = torch.full((template.retrieval,), -1, dtype=torch.long, device=device)
-    node_hits = torch.zeros(buf.num_nodes, dtype=torch.long, device=device)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    def prefill(self) -> None:
+        self.cache = new_cache(self.model)
+        ids = self.req.input_ids
+        logits = None
+        if self.prompt_len > 1:
+            out = self.model(input_ids=ids[:, :-1], use_cache=True, **{self.kw: self.cache})
+            if self.sources:
+                logits = out.logits[0].float()
+        for src in self.sources.values():
+            src.begin(ids[0], logits, self.generator)
 
-    start = time.perf_counter()
-    cache = new_cache(model)
-    if prompt_len > 1:
-        model(input_ids=input_ids[:, :-1], use_cache=True, **{kw: cache})
-    accept_lengths: list[int] = []
-    chain_lengths: list[int] = []
-    by_source: tuple[list[int], list[int]] | None = None if buf.num_nodes == 1 else ([], [])
-    n_jacobi = len(template.jacobi)
-    root = int(committed[length - 1])
-    done = False
-    while not done:
-        remaining = prompt_len + max_new_tokens - length
-        past = length - 1
-        if buf.num_nodes == 1:  # ar: one token, the model's own causal mask
-            logits = model(input_ids=committed[None, past:length], use_cache=True, **{kw: cache}).logits[0]
-            new = [int(logits[-1].float().argmax())]  # bf16 argmax on CPU is ~10x slower than fp32
-            tree_step = None
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        trie = self.propose()
+        tree = self.choose(trie)
+        logits = self.forward(tree)
+        top_vals, top_ids = self.top(logits)
+        acc = self.accept(tree, logits, top_vals, top_ids)
+        new = self.cut(tree.tokens, acc)
+        self.keep(tree, acc)
+        self.commit(new)
+        self.observe(trie, tree, logits, top_ids, top_vals, acc, new)
+        if self.latency is not None:
+            self.latency.observe(len(tree) - 1, time.perf_counter() - t0)
+
+    # -- the named steps -----------------------------------------------------------------------------------
+    def propose(self) -> trie_mod.Trie:
+        """Every source's candidates, merged into one token trie with calibrated edge estimates."""
+        remaining = self.prompt_len + self.req.max_new_tokens - self.length
+        root = int(self.committed[self.length - 1])
+        drafts: dict[str, Draft] = {}
+        history = self.committed[: self.length]
+        for name, src in self.sources.items():
+            shape = None if self.auto else self.req.tree.shape(name)
+            drafts[name] = src.propose(history, Budget(max_depth=remaining - 1, shape=shape))
+        if "retrieval" in self.sources:
+            self.chain_lengths.append(self.sources["retrieval"].last_chain)
+        return trie_mod.merge(root, drafts, self.state.calibrator.estimate)
+
+    def choose(self, trie: trie_mod.Trie) -> trie_mod.StepTree:
+        """Static template: every candidate. Auto: the n best by path probability, n by tokens/s."""
+        t = None
+        if self.latency is not None:
+            t = self.latency.curve(min(len(trie) - 1, self.req.tree.max_nodes, self.latency.max_nodes))
+        kept, q = trie_mod.select(trie, t)
+        return trie_mod.compact(trie, kept, q)
+
+    def forward(self, tree: trie_mod.StepTree) -> torch.Tensor:
+        past = self.length - 1
+        if len(tree) == 1:  # a plain one-token step with the model's own causal mask
+            out = self.model(input_ids=self.committed[None, past : self.length], use_cache=True, **{self.kw: self.cache})
         else:
-            drafts = [jacobi.table.flatten().to(device)] if jacobi is not None else []
-            if retrieval is not None:
-                chain = retrieval.draft()
-                chain_lengths.append(len(chain))
-                if chain:
-                    chain_t = empty_chain.clone()
-                    chain_t[: len(chain)] = torch.tensor(chain, device=device)
-                    drafts.append(chain_t)
-                else:
-                    drafts.append(empty_chain)
-            tree_step = fill_tree(buf, root, torch.cat(drafts), max_depth=remaining - 1)
-            logits = model(
-                input_ids=tree_step.tokens[None],
-                position_ids=(tree_step.depth + past)[None],
-                attention_mask=_tree_mask(tree_step.ancestors, past, dtype),
+            tokens = torch.tensor(tree.tokens, device=self.device)
+            depth = torch.tensor(tree.depths, device=self.device)
+            out = self.model(
+                input_ids=tokens[None],
+                position_ids=(depth + past)[None],
+                attention_mask=_tree_mask(tree.ancestors(self.device), past, self.dtype),
                 use_cache=True,
-                **{kw: cache},
-            ).logits[0]
-            logits = logits.float()  # bf16 argmax/topk on CPU is ~10x slower than fp32
-            acc = greedy_accept(tree_step.tokens, logits.argmax(-1), tree_step.paths)
-            new = tree_step.tokens[acc.accepted].tolist() + [acc.bonus]
-            keep = torch.cat([torch.zeros(1, dtype=torch.long, device=device), acc.accepted])
-            keep_step_entries(cache, tree_step.tokens.numel(), keep)
-            accepted_set = torch.zeros(tree_step.tokens.numel(), dtype=torch.bool, device=device)
-            accepted_set[acc.accepted] = True
-            node_hits += (tree_step.compact_of > 0) & accepted_set[tree_step.compact_of.clamp(min=0)]
-            if jacobi is not None:
-                best = tree_step.paths[acc.path]
-                rejected = best[acc.accepted.numel() + 1 :]
-                rejected = rejected[rejected >= 0]
-                jacobi.update(logits[rejected], committed[:length])
-        # Stop exactly at EOS (nothing after it) and at exactly max_new_tokens.
-        new = new[:remaining]
+                **{self.kw: self.cache},
+            )
+        return out.logits[0].float()  # bf16 argmax/topk on CPU is ~10x slower than fp32
+
+    def top(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One top-k per step, shared by acceptance and the sources."""
+        if not self.top_k:
+            return None, None
+        return logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+
+    def accept(self, tree, logits, top_vals, top_ids) -> Acceptance:
+        return greedy_accept(tree.children, argmax_rows(logits, top_vals, top_ids))
+
+    def cut(self, tokens: list[int], acc: Acceptance) -> list[int]:
+        """Accepted drafts + bonus, stopped exactly at EOS (nothing after it) and at max_new_tokens."""
+        new = [tokens[i] for i in acc.accepted] + [acc.bonus]
+        new = new[: self.prompt_len + self.req.max_new_tokens - self.length]
         for i, t in enumerate(new):
-            if t in eos:
-                new, done = new[: i + 1], True
+            if t in self.req.eos:
+                new = new[: i + 1]
+                self.done = True
                 break
-        if by_source is not None:
-            kept = set(acc.accepted[: len(new)].tolist())  # drafts that survived the EOS / budget cut
-            supplier = tree_step.compact_of[1:].tolist()  # template node (root excluded) -> step token
-            for counts, nodes in zip(by_source, (supplier[:n_jacobi], supplier[n_jacobi:]), strict=True):
-                counts.append(len(kept.intersection(nodes)))
-        committed[length : length + len(new)] = torch.tensor(new, device=device)
-        length += len(new)
-        accept_lengths.append(len(new))
-        if retrieval is not None:
-            retrieval.extend(new)
-        if streamer is not None:
-            streamer.put(torch.tensor(new))
-        root = new[-1]
-        done = done or length - prompt_len >= max_new_tokens
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
-    if streamer is not None:
-        streamer.end()
-    return GenerateOutput(
-        sequences=committed[None, :length].clone(),
-        new_tokens=length - prompt_len,
-        steps=len(accept_lengths),
-        accept_lengths=accept_lengths,
-        wall_time=wall,
-        tree=template,
-        node_hits=node_hits,
-        retrieval_lengths=chain_lengths,
-        jacobi_accepted=by_source[0] if by_source else None,
-        retrieval_accepted=by_source[1] if by_source else None,
-    )
+        return new
+
+    def keep(self, tree: trie_mod.StepTree, acc: Acceptance) -> None:
+        """The cache keeps the root and the accepted nodes, contiguous; the rest of the tree is dropped."""
+        if len(tree) > 1:
+            keep = torch.tensor([0, *acc.accepted], dtype=torch.long, device=self.device)
+            keep_step_entries(self.cache, len(tree), keep)
+
+    def observe(self, trie, tree, logits, top_ids, top_vals, acc: Acceptance, new: list[int]) -> None:
+        """Sources learn from the verified step; calibration and per-source accounting are updated."""
+        if not self.sources:
+            return
+        drafted = acc.accepted[: len(new)]  # drafts that survived the EOS / budget cut
+        full = [tree.tokens[i] for i in acc.accepted] + [acc.bonus]
+        for (name, bucket, _), hit in trie_mod.calibration_trials(trie, full):
+            self.state.calibrator.record(name, bucket, hit)
+        counts = dict.fromkeys(SOURCES, 0)
+        for node in tree.trie_ids[1:]:
+            for name in {p[0] for p in trie.proposers[node]}:
+                counts[name] += 1
+        for name in SOURCES:
+            self.nodes_by_source[name].append(counts[name])
+        credited = dict.fromkeys(SOURCES, 0)
+        for node in drafted:
+            proposers = trie.proposers[tree.trie_ids[node]]
+            for name in {p[0] for p in proposers}:
+                credited[name] += 1
+            if self.tags is not None:
+                for _, _, tag in proposers:
+                    if tag in self.tags:
+                        self.node_hits[self.tags[tag]] += 1
+        for name in SOURCES:
+            self.accepted_by_source[name].append(credited[name])
+        self.tree_sizes.append(len(tree) - 1)
+        probs = None
+        if top_vals is not None:
+            probs = (top_vals - top_vals[:, :1]).exp()
+            probs = probs / probs.sum(-1, keepdim=True)
+        step = VerifiedStep(
+            tokens=tree.tokens, parents=tree.parents, logits=logits, top_ids=top_ids, top_probs=probs,
+            accepted=acc.accepted, rejected=tree.likeliest_below(acc.accepted[-1] if acc.accepted else 0),
+            new_tokens=new, committed=self.committed[: self.length], generator=self.generator,
+        )
+        for src in self.sources.values():
+            src.observe(step)
+
+    def commit(self, new: list[int]) -> None:
+        self.committed[self.length : self.length + len(new)] = torch.tensor(new, device=self.device)
+        self.length += len(new)
+        self.accept_lengths.append(len(new))
+        if self.streamer is not None:
+            self.streamer.put(torch.tensor(new))
+        self.done = self.done or self.length - self.prompt_len >= self.req.max_new_tokens
+
+
+def _template_tags(template: TreeTemplate) -> dict:
+    """Template node tag -> index in ``node_hits`` (root 0, Jacobi paths, retrieval depths, recycling)."""
+    tags = [("jacobi", p) for p in template.jacobi]
+    tags += [("retrieval", d) for d in range(1, template.retrieval + 1)]
+    tags += [("recycling", i) for i in range(template.recycling)]
+    return {tag: i for i, tag in enumerate(tags, start=1)}

@@ -1,10 +1,10 @@
-"""Draft trees: a static template of (depth, rank) paths, turned once into tensors, filled per step.
+"""Which draft nodes a step may verify: ``auto`` (chosen per step by expected tokens per second, the
+default) or a static template.
 
-A template node is a path of candidate ranks: ``(0, 2)`` is "the top-1 Jacobi candidate at depth 1, then
-the top-3 candidate at depth 2" (Medusa style: a node's token depends only on its depth and rank). The
-retrieval chain is a separate branch of ``retrieval`` nodes, one per depth. Each step the tokens are filled
-in, invalid nodes (no retrieval match, past the token budget) are dropped and identical siblings merged,
-so the forward pass never computes the same prefix twice.
+A static template fixes each source's part: Jacobi rank paths (``(0, 2)`` is "the top-1 Jacobi candidate at
+depth 1, then the top-3 candidate at depth 2", Medusa style), the retrieval chain's depth and the number of
+recycling nodes. Either way the step's candidates are merged into one token trie (msn/decoding/trie.py),
+so identical siblings are verified once.
 """
 
 from __future__ import annotations
@@ -36,17 +36,63 @@ MC_SIM_7B_63: tuple[tuple[int, ...], ...] = (
 )  # fmt: skip
 
 
+# Which draft sources each decoding method uses (``ar`` none: plain greedy decoding, our baseline).
+METHOD_SOURCES: dict[str, tuple[str, ...]] = {
+    "ar": (),
+    "jacobi": ("jacobi",),
+    "retrieval": ("retrieval",),
+    "recycling": ("recycling",),
+    "tr-jacobi": ("jacobi", "retrieval", "recycling"),
+}
+METHODS = tuple(METHOD_SOURCES)
+AUTO_MAX_NODES = 64  # the auto tree never verifies more (t(n) is measured up to here)
+
+
+def _unknown_method(method: str) -> TreeError:
+    return TreeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class AutoTree:
+    """The per-step tree: every source of the method proposes, the engine keeps the nodes that pay."""
+
+    sources: tuple[str, ...] = METHOD_SOURCES["tr-jacobi"]
+    name: str = "auto"
+    max_nodes: int = AUTO_MAX_NODES
+
+    @property
+    def size(self) -> int:
+        """The most draft nodes one step may verify."""
+        return self.max_nodes if self.sources else 0
+
+    def for_method(self, method: str) -> AutoTree:
+        if method not in METHOD_SOURCES:
+            raise _unknown_method(method)
+        return AutoTree(METHOD_SOURCES[method], "auto" if method == "tr-jacobi" else f"auto/{method}", self.max_nodes)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "sources": list(self.sources), "max_nodes": self.max_nodes}
+
+
 @dataclass(frozen=True)
 class TreeTemplate:
-    """Which draft nodes exist: Jacobi rank paths plus a retrieval chain of ``retrieval`` nodes."""
+    """Which draft nodes exist: Jacobi rank paths, a retrieval chain of ``retrieval`` nodes and
+    ``recycling`` nodes followed best-first through the recycling table."""
 
     jacobi: tuple[tuple[int, ...], ...]
     retrieval: int = 0
     name: str = "custom"
+    recycling: int = 0
 
     def __post_init__(self) -> None:
         paths = tuple(tuple(int(r) for r in p) for p in self.jacobi)
         object.__setattr__(self, "jacobi", tuple(sorted(paths, key=len)))  # parents before children
+        for key, limit in (("retrieval", None), ("recycling", AUTO_MAX_NODES)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TreeError(f"tree field {key!r} must be an integer >= 0, got {value!r}")
+            if limit is not None and value > limit:
+                raise TreeError(f"tree field {key!r} must be <= {limit}, got {value}")
         _validate_paths(self.jacobi, self.retrieval)
 
     @property
@@ -64,22 +110,38 @@ class TreeTemplate:
     @property
     def size(self) -> int:
         """Number of draft nodes (the forward pass verifies size + 1 tokens, the root included)."""
-        return len(self.jacobi) + self.retrieval
+        return len(self.jacobi) + self.retrieval + self.recycling
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        parts = (("jacobi", self.jacobi), ("retrieval", self.retrieval), ("recycling", self.recycling))
+        return tuple(name for name, part in parts if part)
+
+    def shape(self, source: str):
+        """This template's part for one source (rank paths, chain depth, node count)."""
+        return {"jacobi": self.jacobi, "retrieval": self.retrieval, "recycling": self.recycling}[source]
 
     def for_method(self, method: str) -> TreeTemplate:
-        """The part of this template a decoding method uses."""
+        """The part of this template a decoding method uses (a one-source method whose part is empty
+        gets a part of the template's depth, so ``--method retrieval --tree cpu-fp32-8`` still drafts)."""
         if method == "ar":
             return TreeTemplate((), 0, name="ar")
         if method == "jacobi":
             return TreeTemplate(self.jacobi, 0, name=f"{self.name}/jacobi")
         if method == "retrieval":
             return TreeTemplate((), self.retrieval or max(self.depth, 1), name=f"{self.name}/retrieval")
+        if method == "recycling":
+            count = self.recycling or min(max(self.size, 1), AUTO_MAX_NODES)
+            return TreeTemplate((), 0, name=f"{self.name}/recycling", recycling=count)
         if method == "tr-jacobi":
             return self
-        raise MsnError(f"unknown method {method!r}; choose one of ar, jacobi, retrieval, tr-jacobi")
+        raise _unknown_method(method)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "jacobi": [list(p) for p in self.jacobi], "retrieval": self.retrieval}
+        out = {"name": self.name, "jacobi": [list(p) for p in self.jacobi], "retrieval": self.retrieval}
+        if self.recycling:
+            out["recycling"] = self.recycling
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = Path(f"{path}.tmp")
@@ -96,18 +158,23 @@ class TreeTemplate:
         if "nodes" in data:
             jacobi, retrieval = _paths_from_parents(data["nodes"], where)
             return cls(jacobi, retrieval, name=name)
-        unknown = set(data) - {"name", "jacobi", "retrieval", "description"}
+        unknown = set(data) - {"name", "jacobi", "retrieval", "recycling", "description"}
         if unknown:
             raise TreeError(f"{where}: unknown field(s) {sorted(unknown)}")
         jacobi = data.get("jacobi", [])
         if not isinstance(jacobi, list) or not all(isinstance(p, list) and p for p in jacobi):
             raise TreeError(f"{where}: field 'jacobi' must be a list of non-empty rank lists")
-        if not all(isinstance(r, int) and r >= 0 for p in jacobi for r in p):
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for p in jacobi for r in p):
             raise TreeError(f"{where}: field 'jacobi' ranks must be integers >= 0")
-        retrieval = data.get("retrieval", 0)
-        if not isinstance(retrieval, int) or retrieval < 0:
-            raise TreeError(f"{where}: field 'retrieval' must be an integer >= 0")
-        return cls(tuple(tuple(p) for p in jacobi), retrieval, name=name)
+        counts = {}
+        for key in ("retrieval", "recycling"):
+            value = data.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TreeError(f"{where}: field {key!r} must be an integer >= 0, got {value!r}")
+            counts[key] = value
+        if counts["recycling"] > AUTO_MAX_NODES:
+            raise TreeError(f"{where}: field 'recycling' must be <= {AUTO_MAX_NODES}")
+        return cls(tuple(tuple(p) for p in jacobi), counts["retrieval"], name=name, recycling=counts["recycling"])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TreeTemplate:
@@ -188,20 +255,19 @@ TREE_PRESETS: dict[str, TreeTemplate] = {
 }
 
 
-def default_tree(device: torch.device | str, dtype: torch.dtype) -> TreeTemplate:
-    """The preset sized to what one forward over many tokens costs on this device and dtype."""
-    if torch.device(device).type == "cuda":
-        return TREE_PRESETS["official-68"]
-    if dtype in (torch.bfloat16, torch.float16):
-        return TREE_PRESETS["cpu-bf16-16"]
-    return TREE_PRESETS["cpu-fp32-8"]
+Tree = AutoTree | TreeTemplate
 
 
-def resolve_tree(tree: TreeTemplate | str | os.PathLike | None, device, dtype) -> TreeTemplate:
-    """A template from a preset name, a JSON file, a template, or None (the device default)."""
-    if tree is None:
+def default_tree(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AutoTree:
+    """The per-step tree, sized from this model's measured t(n) on this device and dtype."""
+    return AutoTree()
+
+
+def resolve_tree(tree: Tree | str | os.PathLike | dict | None, device=None, dtype=None) -> Tree:
+    """A tree from ``"auto"``/None (the default), a preset name, a JSON file, a dict or a template."""
+    if tree is None or (isinstance(tree, str) and tree == "auto"):
         return default_tree(device, dtype)
-    if isinstance(tree, TreeTemplate):
+    if isinstance(tree, AutoTree | TreeTemplate):
         return tree
     if isinstance(tree, dict):
         return TreeTemplate.from_dict(tree)
@@ -209,117 +275,6 @@ def resolve_tree(tree: TreeTemplate | str | os.PathLike | None, device, dtype) -
         return TREE_PRESETS[str(tree)]
     if os.path.exists(tree) or str(tree).endswith(".json"):
         return TreeTemplate.load(tree)
-    raise TreeError(f"unknown tree {str(tree)!r}: not a preset ({', '.join(TREE_PRESETS)}) nor a JSON file")
-
-
-@dataclass
-class TreeBuffers:
-    """A template as tensors. Node 0 is the root; nodes are ordered so parents precede children.
-
-    ``source[i]`` indexes the flattened draft vector ``[jacobi_table.flatten(), retrieval_chain]``;
-    ``paths`` lists root-to-leaf node indices padded with -1 (never a real index: see method.md).
-    """
-
-    template: TreeTemplate
-    depth: torch.Tensor  # [N] long
-    parent: torch.Tensor  # [N] long, root -1
-    source: torch.Tensor  # [N] long, root -1
-    ancestors: torch.Tensor  # [N, N] bool, a node is its own ancestor
-    paths: torch.Tensor  # [P, depth + 1] long
-
-    @property
-    def num_nodes(self) -> int:
-        return self.depth.numel()
-
-
-def build_buffers(template: TreeTemplate, device: torch.device | str = "cpu") -> TreeBuffers:
-    k, d_jacobi = max(template.top_k, 1), template.jacobi_depth
-    index = {(): 0}
-    depth, parent, source = [0], [-1], [-1]
-    for p in template.jacobi:
-        index[p] = len(depth)
-        depth.append(len(p))
-        parent.append(index[p[:-1]])
-        source.append((len(p) - 1) * k + p[-1])
-    prev = 0
-    for d in range(1, template.retrieval + 1):
-        depth.append(d)
-        parent.append(prev)
-        source.append(d_jacobi * k + d - 1)
-        prev = len(depth) - 1
-    n = len(depth)
-    anc = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        anc[i, i] = True
-        if parent[i] >= 0:
-            anc[i] |= anc[parent[i]]
-    is_parent = set(parent)
-    leaves = [i for i in range(n) if i not in is_parent]
-    width = max(depth) + 1
-    paths = torch.full((len(leaves), width), -1, dtype=torch.long)
-    for row, leaf in enumerate(leaves):
-        chain = anc[leaf].nonzero().flatten()  # ancestors in index order == depth order
-        paths[row, : chain.numel()] = chain
-    dev = torch.device(device)
-    return TreeBuffers(
-        template,
-        torch.tensor(depth, device=dev),
-        torch.tensor(parent, device=dev),
-        torch.tensor(source, device=dev),
-        anc.to(dev),
-        paths.to(dev),
+    raise TreeError(
+        f"unknown tree {str(tree)!r}: not 'auto', a preset ({', '.join(TREE_PRESETS)}) nor a JSON file"
     )
-
-
-@dataclass
-class StepTree:
-    """One step's tree after filling tokens, dropping invalid nodes and merging identical siblings."""
-
-    tokens: torch.Tensor  # [n] input ids, root first
-    depth: torch.Tensor  # [n] position offsets from the root
-    ancestors: torch.Tensor  # [n, n] bool attention pattern among the step's tokens
-    paths: torch.Tensor  # [P, width] indices into tokens, -1 padded
-    compact_of: torch.Tensor  # [N] template node -> index into tokens (-1 when dropped as invalid)
-
-
-def fill_tree(
-    buf: TreeBuffers, root_token: int, drafts: torch.Tensor, max_depth: int | None = None
-) -> StepTree:
-    """Fill the template from ``drafts`` (flat: Jacobi table then retrieval chain; -1 = no token).
-
-    Nodes deeper than ``max_depth`` (the remaining token budget) and nodes under a missing token are
-    dropped; a node whose (parent, token) equals an earlier sibling's is merged into it.
-    """
-    n = buf.num_nodes
-    tokens = torch.empty(n, dtype=torch.long, device=drafts.device)
-    tokens[0] = root_token
-    if n > 1:
-        tokens[1:] = drafts[buf.source[1:]]
-    ok = tokens >= 0
-    if max_depth is not None:
-        ok &= buf.depth <= max_depth
-    valid = ~(buf.ancestors & ~ok).any(1)  # a node is valid when it and all its ancestors are
-
-    # Merge identical siblings (e.g. a retrieval token equal to a Jacobi candidate): canon[i] is the
-    # first node with the same canonical parent and the same token.
-    tok_list, par_list, valid_list = tokens.tolist(), buf.parent.tolist(), valid.tolist()
-    canon = list(range(n))
-    first: dict[tuple[int, int], int] = {}
-    for i in range(1, n):
-        if valid_list[i]:
-            canon[i] = first.setdefault((canon[par_list[i]], tok_list[i]), i)
-    canon_t = torch.tensor(canon, device=tokens.device)
-    keep = valid & (canon_t == torch.arange(n, device=tokens.device))
-    compact = torch.full((n,), -1, dtype=torch.long, device=tokens.device)
-    compact[keep] = torch.arange(int(keep.sum()), device=tokens.device)
-    compact_of = torch.where(valid, compact[canon_t], -1)
-
-    # Ancestors of a kept node, with each ancestor replaced by its canonical twin.
-    rows = buf.ancestors[keep]  # [m, N]
-    anc = torch.zeros(rows.shape[0], int(keep.sum()), dtype=torch.bool, device=tokens.device)
-    r_idx, c_idx = rows.nonzero(as_tuple=True)
-    anc[r_idx, compact_of[c_idx]] = True
-
-    paths = buf.paths
-    mapped = torch.where(paths >= 0, compact_of[paths.clamp(min=0)], -1)
-    return StepTree(tokens[keep], buf.depth[keep], anc, mapped, compact_of)

@@ -1,0 +1,173 @@
+"""t(n): what one forward over the root plus n tree tokens costs this model on this device, measured.
+
+The tree is sized per step by expected tokens per second, so it needs this curve: flat up to ~16 tokens
+for bf16 on some CPUs, linear for fp32, flat up to hundreds on a GPU. Measured once (a few seconds) per
+model shape, device, dtype and thread count, cached as JSON under the msn cache dir, then refined online
+from the step times the decoder actually sees, so a loaded machine shifts the choice.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
+
+GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
+PAST = 128  # cache length while measuring
+ALPHA = 0.1  # weight of one observed step in the online refinement
+logger = logging.getLogger("msn")
+
+
+def causal_tree_mask(k: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    mask = torch.zeros(1, 1, k, past + k, dtype=dtype, device=device)
+    causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+    mask[0, 0, :, past:].masked_fill_(~causal, torch.finfo(dtype).min)
+    return mask
+
+
+@torch.inference_mode()
+def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int = 3, seed: int = 0) -> dict[int, float]:
+    """Median seconds of one forward over k new tokens on a ``past``-token cache, as the engine runs it
+    (k = 1: plain causal step; k > 1: explicit positions and an additive 4-D mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, device, dtype = model.config.vocab_size, model.device, model.dtype
+    kw = cache_keyword(model)
+    cache = new_cache(model)
+    model(input_ids=torch.randint(0, vocab, (1, past), generator=gen).to(device), use_cache=True, **{kw: cache})
+    none_kept = torch.empty(0, dtype=torch.long, device=device)
+    times: dict[int, list[float]] = {k: [] for k in sizes}
+    for rep in range(repeats + 1):  # round-robin over sizes, so drift hits every size alike
+        for k in sizes:
+            ids = torch.randint(0, vocab, (1, k), generator=gen).to(device)
+            extra = {}
+            if k > 1:
+                extra = {"attention_mask": causal_tree_mask(k, past, dtype, device),
+                         "position_ids": torch.arange(past, past + k, device=device)[None]}
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=True, **{kw: cache}, **extra)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if rep:  # the first round warms up every shape
+                times[k].append(time.perf_counter() - start)
+            keep_step_entries(cache, k, none_kept)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cache_key(model) -> str:
+    """Latency depends on shapes, not weights: the config (minus its name), device, dtype, threads, torch."""
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    device = model.device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    raw = json.dumps([config, where, str(model.dtype), torch.__version__], sort_keys=True, default=str)
+    arch = config.get("model_type") or "model"
+    return f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
+
+
+def monotone(values: Sequence[float]) -> list[float]:
+    """The closest non-decreasing sequence (pool adjacent violators): verifying more tokens never costs
+    less, so a dip in a noisy measurement is noise."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    return [s / c for s, c in blocks for _ in range(int(c))]
+
+
+class Latency:
+    """Piecewise-linear t(n) over measured grid points, refined online."""
+
+    def __init__(self, seconds: dict[int, float], source: str = "measured"):
+        self.sizes = sorted(seconds)
+        self.seconds = monotone([float(seconds[n]) for n in self.sizes])
+        self.source = source
+
+    @property
+    def max_nodes(self) -> int:
+        return self.sizes[-1]
+
+    def _bracket(self, n: float) -> tuple[int, int, float]:
+        i = min(max(bisect.bisect_left(self.sizes, n), 1), len(self.sizes) - 1)
+        x0, x1 = self.sizes[i - 1], self.sizes[i]
+        return i - 1, i, (n - x0) / (x1 - x0)
+
+    def predict(self, n: int) -> float:
+        if len(self.sizes) == 1:
+            return self.seconds[0]
+        a, b, w = self._bracket(n)
+        return max(self.seconds[a] + (self.seconds[b] - self.seconds[a]) * w, 1e-9)
+
+    def curve(self, upto: int) -> list[float]:
+        """t(0..upto), for choosing the tree size in one pass."""
+        return [self.predict(n) for n in range(upto + 1)]
+
+    def observe(self, n: int, seconds: float) -> None:
+        """Move the grid points around n toward an observed step time (outliers clipped)."""
+        if len(self.sizes) == 1:
+            return
+        ratio = min(max(seconds / self.predict(n), 0.25), 4.0)
+        a, b, w = self._bracket(min(max(n, self.sizes[0]), self.sizes[-1]))
+        for j, share in ((a, 1.0 - w), (b, w)):
+            self.seconds[j] *= 1.0 + ALPHA * share * (ratio - 1.0)
+
+    def to_dict(self) -> dict:
+        return {"sizes": self.sizes, "seconds": self.seconds, "source": self.source}
+
+
+def latency_path(model) -> Path:
+    from msn.models import cache_dir
+
+    return cache_dir() / "latency" / f"{cache_key(model)}.json"
+
+
+def load_or_measure(model) -> Latency:
+    """The cached curve for this model shape/device/dtype/threads, or a fresh measurement (saved atomically)."""
+    path = latency_path(model)
+    try:
+        data = json.loads(path.read_text())
+        return Latency(dict(zip(data["sizes"], data["seconds"], strict=True)), source=str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    logger.info("msn: measuring forward latency t(n) for the auto tree, once per model shape/device/dtype/"
+                "threads (a few seconds): %s", path)
+    return remeasure(model)[0]
+
+
+def _busy() -> bool:
+    """More runnable work than cores: a measurement now says more about the neighbours than the model."""
+    try:
+        return os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+def remeasure(model, repeats: int = 3) -> tuple[Latency, Path]:
+    """Measure t(n) on the grid now and replace the cached curve (``msn tune-tree`` calls this). On a
+    CPU that is busy with other work the curve is used for this process only, never cached."""
+    path = latency_path(model)
+    measured = measure_forward(model, [n + 1 for n in GRID], repeats=repeats)
+    latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path))
+    if model.device.type == "cpu" and _busy():
+        latency.source = "measured on a busy CPU (not cached)"
+        return latency, path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(latency.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next process a re-measurement
+    return latency, path

@@ -1,0 +1,88 @@
+"""The draft-source interface: propose scored candidate tokens, then observe what verification decided.
+
+A source never decides anything: the engine merges every source's candidates into one token tree, picks the
+nodes worth verifying, runs one forward and tells each source what happened. A bad draft costs speed, never
+correctness. Adding a source is one file with a subclass of :class:`DraftSource` plus one line in
+``sources/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class Draft:
+    """Candidate nodes as a tree fragment hanging from the root, parents listed before their children.
+
+    ``parents[i]`` indexes this draft's own nodes (-1 = the root); ``scores[i]`` is the source's estimate
+    that node i is accepted given that its parent is (an edge probability in [0, 1]); ``buckets[i]`` is the
+    key under which the engine calibrates that estimate against what was really accepted; ``tags[i]``
+    names a node of a static template (for per-node statistics) or is None.
+    """
+
+    parents: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    buckets: list[Any] = field(default_factory=list)
+    tags: list[Any] = field(default_factory=list)
+
+    def add(self, parent: int, token: int, score: float, bucket: Any, tag: Any = None) -> int:
+        self.parents.append(parent)
+        self.tokens.append(token)
+        self.scores.append(score)
+        self.buckets.append(bucket)
+        self.tags.append(tag)
+        return len(self.tokens) - 1
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Budget:
+    """How much a source may propose this step. ``shape`` is a static template's part for this source
+    (None in auto mode, where the source proposes generously and the engine selects)."""
+
+    max_depth: int  # tokens left in the request minus the bonus token
+    shape: Any = None
+
+
+@dataclass
+class VerifiedStep:
+    """What one verified forward showed, for sources to learn from. ``logits`` rows follow ``tokens``
+    (root first); row i is the model's prediction after node i given node i's path."""
+
+    tokens: list[int]  # the step's input tokens, root first
+    parents: list[int]  # parent per node (-1 for the root)
+    logits: torch.Tensor  # [n, V] float32
+    top_ids: torch.Tensor | None  # [n, K] the K best next tokens per row, best first (K = max top_k_needed)
+    top_probs: torch.Tensor | None  # [n, K] their probabilities renormalised over the K (a score, not a softmax)
+    accepted: list[int]  # accepted node indices along the path, root excluded
+    rejected: list[int]  # the most likely continuation below the last accepted node (its inputs were wrong)
+    new_tokens: list[int]  # committed this step: accepted drafts + the bonus token
+    committed: torch.Tensor  # every committed id so far, the new ones included
+    generator: torch.Generator
+
+
+
+class DraftSource:
+    """Base class. Subclasses set ``name`` and override what they need."""
+
+    name: ClassVar[str] = "?"
+    top_k_needed: int = 0  # how many of each row's best next tokens observe() needs
+
+    def configure(self, shape) -> None:
+        """A static template's part for this source, or None for the auto tree (propose generously)."""
+
+    def begin(self, prompt: torch.Tensor, prefill_logits: torch.Tensor | None, generator: torch.Generator) -> None:
+        """A new request: ``prompt`` [L] ids; ``prefill_logits`` [L-1, V] float32 (None for a 1-token prompt)."""
+
+    def propose(self, committed: torch.Tensor, budget: Budget) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, step: VerifiedStep) -> None:
+        """Called after every verified step (also plain one-token steps)."""

@@ -1,0 +1,167 @@
+"""One step's token tree: every source's candidates merged into a trie, the nodes worth verifying chosen.
+
+Merging identical siblings means at most one child of a node can equal the model's choice, so the correct
+nodes form one path and E[accepted drafts] = sum over nodes of P(node and its ancestors are correct) =
+sum of q, q = product of calibrated edge estimates along the path. q never grows down a path, so the top n
+nodes by q form a tree, and the step verifies the n that maximises (1 + sum of the top n q) / t(n)
+(method.md §7); n = 0 is a plain one-token step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from msn.decoding.sources.base import Draft
+
+Proposer = tuple[str, Any, Any]  # (source name, calibration bucket, template tag)
+
+
+@dataclass
+class Trie:
+    """All candidates of a step; node 0 is the root. Nodes are created parents first."""
+
+    tokens: list[int]
+    parents: list[int] = field(default_factory=lambda: [-1])
+    depths: list[int] = field(default_factory=lambda: [0])
+    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+    edge: list[float] = field(default_factory=lambda: [1.0])  # calibrated P(accepted | parent accepted)
+    proposers: list[list[Proposer]] = field(default_factory=lambda: [[]])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def child(self, parent: int, token: int) -> int:
+        node = self.children[parent].get(token)
+        if node is None:
+            node = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.depths.append(self.depths[parent] + 1)
+            self.children.append({})
+            self.edge.append(0.0)
+            self.proposers.append([])
+            self.children[parent][token] = node
+        return node
+
+    def path_probs(self) -> list[float]:
+        q = [1.0] * len(self.tokens)
+        for i in range(1, len(q)):
+            q[i] = q[self.parents[i]] * self.edge[i]
+        return q
+
+
+def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, float], float]) -> Trie:
+    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate."""
+    trie = Trie([root])
+    for name, draft in drafts.items():
+        at = [0] * len(draft)
+        for i, (parent, token, score, bucket, tag) in enumerate(
+            zip(draft.parents, draft.tokens, draft.scores, draft.buckets, draft.tags, strict=True)
+        ):
+            node = trie.child(at[parent] if parent >= 0 else 0, token)
+            at[i] = node
+            trie.edge[node] = max(trie.edge[node], estimate(name, bucket, score))
+            trie.proposers[node].append((name, bucket, tag))
+    return trie
+
+
+def choose_size(q_sorted: Sequence[float], t: Sequence[float]) -> int:
+    """The n maximising (1 + sum of the first n q) / t(n); ``t`` covers n = 0..len(q_sorted) or fewer."""
+    best_n, best, total = 0, 1.0 / t[0], 1.0
+    for n in range(1, min(len(q_sorted), len(t) - 1) + 1):
+        total += q_sorted[n - 1]
+        rate = total / t[n]
+        if rate > best:
+            best_n, best = n, rate
+    return best_n
+
+
+def select(trie: Trie, t: Sequence[float] | None) -> tuple[list[int], list[float]]:
+    """Kept node ids (sorted, root first) and q for every trie node. ``t`` None: keep every node."""
+    q = trie.path_probs()
+    if t is None:
+        return list(range(len(trie))), q
+    order = sorted(range(1, len(trie)), key=lambda i: (-q[i], i))  # ties: parents (lower ids) first
+    n = choose_size([q[i] for i in order], t)
+    return [0, *sorted(order[:n])], q
+
+
+@dataclass
+class StepTree:
+    """The verified part of the trie, compacted: node 0 is the root, parents precede children."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    children: list[dict[int, int]]
+    q: list[float]
+    trie_ids: list[int]  # compact node -> trie node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def ancestors(self, device) -> torch.Tensor:
+        """[n, n] bool: node i attends to node j when j is i or an ancestor of i."""
+        n = len(self.tokens)
+        parent = torch.tensor([max(p, 0) for p in self.parents], device=device)
+        anc = torch.eye(n, dtype=torch.bool, device=device)
+        rows, cur = torch.arange(n, device=device), torch.arange(n, device=device)
+        for _ in range(max(self.depths)):
+            cur = parent[cur]
+            anc[rows, cur] = True
+        return anc
+
+    def likeliest_below(self, node: int) -> list[int]:
+        """The most probable continuation below ``node`` (best child by q, repeatedly)."""
+        out = []
+        while self.children[node]:
+            node = max(self.children[node].values(), key=lambda c: self.q[c])
+            out.append(node)
+        return out
+
+
+def compact(trie: Trie, kept: list[int], q: list[float]) -> StepTree:
+    new_id = {old: i for i, old in enumerate(kept)}
+    children: list[dict[int, int]] = [{} for _ in kept]
+    parents = [-1] * len(kept)
+    for i, old in enumerate(kept[1:], start=1):
+        p = new_id[trie.parents[old]]
+        parents[i] = p
+        children[p][trie.tokens[old]] = i
+    return StepTree(
+        tokens=[trie.tokens[i] for i in kept],
+        parents=parents,
+        depths=[trie.depths[i] for i in kept],
+        children=children,
+        q=[q[i] for i in kept],
+        trie_ids=kept,
+    )
+
+
+def correct_path(trie: Trie, new_tokens: Sequence[int]) -> list[int]:
+    """Trie nodes (root first) along the committed tokens, as far as the trie has them."""
+    path, node = [0], 0
+    for t in new_tokens:
+        node = trie.children[node].get(t, -1)
+        if node < 0:
+            break
+        path.append(node)
+    return path
+
+
+def calibration_trials(trie: Trie, new_tokens: Sequence[int]):
+    """(proposer, hit) for every candidate whose parent was correct and whose own truth is known:
+    children of correct nodes up to the depth of the last committed token."""
+    path = correct_path(trie, new_tokens)
+    on_path = set(path)
+    for w in path:
+        if trie.depths[w] >= len(new_tokens):
+            break
+        for c in trie.children[w].values():
+            hit = c in on_path
+            for proposer in trie.proposers[c]:
+                yield proposer, hit
