@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         args = sub.parse_args(argv[1:])
     except _ArgumentError as e:
         return _fail(argv[0], f"{e} (see msn {argv[0]} --help)")
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("msn").setLevel(logging.INFO)  # one-time notices (e.g. a first t(n) measurement)
     try:
         return int(module.run(args) or 0)
     except _ArgumentError as e:
