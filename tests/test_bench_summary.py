@@ -85,7 +85,20 @@ def test_accepted_drafts_by_source_pooled_over_steps(answers):
     assert o["retrieval_per_step"] == pytest.approx((15 + 30) / 40)
     assert s["methods"]["tr-jacobi"]["categories"]["qa"]["jacobi_per_step"] == pytest.approx(20 / 10)
     assert s["methods"]["ar"]["overall"]["jacobi_per_step"] is None  # not recorded: unknown, not zero
-    assert "| 0.50 / 1.12 |" in to_markdown(s)
+    assert "| jacobi 0.50, retrieval 1.12 |" in to_markdown(s)  # an older answers file: the two fields only
+
+
+def test_accepted_drafts_and_nodes_per_source_map(answers):
+    tr = answers["tr-jacobi"]
+    for r, (jac, rec, nodes) in zip(tr, [([1] * 5, [2] * 5, [4] * 5), ([0] * 5, [1] * 5, [8] * 5),
+                                          ([2] * 30, [0] * 30, [2] * 30)], strict=True):
+        r["choices"][0]["accepted_by_source"] = {"jacobi": jac, "recycling": rec, "retrieval": [0] * len(jac)}
+        r["choices"][0]["nodes_by_source"] = {"jacobi": nodes, "recycling": nodes, "retrieval": [0] * len(jac)}
+    o = summarize(answers)["methods"]["tr-jacobi"]["overall"]
+    assert o["drafted_per_step"] == pytest.approx({"jacobi": 65 / 40, "recycling": 15 / 40, "retrieval": 0.0})
+    assert o["nodes_per_step"]["jacobi"] == pytest.approx((20 + 40 + 60) / 40)
+    table = to_markdown(summarize(answers))
+    assert "jacobi 1.62 (3.0), recycling 0.38 (3.0) |" in table  # a source with no nodes and no tokens is left out
 
 
 def test_mat_unknown_without_steps(answers):

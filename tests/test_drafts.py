@@ -14,7 +14,7 @@ import msn
 from msn.decoding.engine import decoder_state
 from msn.decoding.sources import Budget, JacobiSource, RecyclingSource, RetrievalSource, VerifiedStep
 from msn.decoding.sources.jacobi import NOISE
-from msn.decoding.sources.retrieval import PRIOR, RetrievalIndex
+from msn.decoding.sources.retrieval import PRIOR, RetrievalIndex, streak_bucket
 
 
 def verified(tokens=(0,), *, rejected=(), new_tokens=(), committed=(0,), top_ids=None, top_probs=None,
@@ -124,9 +124,25 @@ def test_retrieval_proposes_earliest_then_latest_chain():
         tuple(last[:d]) for d in range(1, len(last) + 1)
     ], "two chains from the root: the earliest match's, then the latest's"
     assert draft.scores == [PRIOR[2]] * len(draft)
-    assert draft.buckets == [(d, 2) for d in range(1, len(first) + 1)] + [(d, 2) for d in range(1, len(last) + 1)]
+    # bucket: (depth capped at 8, match length, streak of the last step's chain: none yet)
+    assert draft.buckets == [(min(d, 8), 2, 0) for d in range(1, len(first) + 1)] + [
+        (min(d, 8), 2, 0) for d in range(1, len(last) + 1)
+    ]
     assert draft.tags == [("retrieval", d) for d in range(1, len(first) + 1)] + [None] * len(last)
     assert src.last_chain == len(first)
+
+
+def test_retrieval_bucket_carries_how_far_the_last_chain_was_accepted():
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 5, 6, 7]
+    src = retrieval(prompt)
+    draft = src.propose(torch.tensor(prompt), Budget(max_depth=100))
+    assert draft.tokens[:3] == [8, 9, 10] and {b[2] for b in draft.buckets} == {0}
+    step = type("Step", (), {"new_tokens": [8, 9, 10, 11, 12, 99]})()  # 5 chain tokens committed, then a miss
+    src.observe(step)
+    assert src.streak == 5
+    again = src.propose(torch.tensor(prompt + step.new_tokens), Budget(max_depth=100))
+    assert {b[2] for b in again.buckets} <= {streak_bucket(5)} and streak_bucket(5) == 2
+    assert [streak_bucket(a) for a in (0, 1, 2, 3, 7, 8, 16)] == [0, 1, 1, 2, 2, 3, 3]
 
 
 def test_retrieval_one_chain_when_earliest_is_latest():

@@ -14,6 +14,7 @@ from msn.bench import questions as qs
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, parse_methods
 from msn.bench.session import BenchConfig, command_line, run_bench
 from msn.bench.summary import category_table, overall_table
+from msn.decoding.tree import TREE_HELP
 from msn.errors import InputError
 
 DEFAULT_QUESTIONS = os.environ.get("MSN_SPEC_BENCH", "data/spec_bench/question.jsonl")
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, default=None, help="first K questions (after --categories)")
     group.add_argument("--per-category", type=int, default=None, help="first K questions of each category")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep (default: all)")
-    p.add_argument("--tree", default=None, help="tree preset name or JSON file (e.g. from msn tune-tree)")
+    p.add_argument("--tree", default=None, help=TREE_HELP)
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions (default: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")

@@ -15,6 +15,7 @@ from msn.bench import questions as qs
 from msn.bench.cli import print_report
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, parse_methods
 from msn.bench.session import BenchConfig, command_line, run_bench
+from msn.decoding.tree import TREE_HELP
 from msn.errors import InputError
 from msn.models import DEFAULT_MODEL
 
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated from {', '.join(BENCH_METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default: 96)")
     p.add_argument("--limit", type=int, default=None, help="only the first K of the 12 prompts")
-    p.add_argument("--tree", default=None, help="tree preset name or JSON file (e.g. from msn tune-tree)")
+    p.add_argument("--tree", default=None, help=TREE_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo); a rerun resumes it")
     p.add_argument("--overwrite", action="store_true", help="measure again from scratch into --out")

@@ -47,8 +47,10 @@ class TurnResult:
     wall_time: float
     steps: int | None  # verification forwards (prefill included in the first)
     accept_lengths: list[int] | None  # per step, bonus included; sums to new_tokens
-    jacobi_accepted: list[int] | None = None  # per step: accepted drafts a Jacobi node drafted (tree methods)
-    retrieval_accepted: list[int] | None = None  # per step: accepted drafts the retrieval chain drafted
+    # Tree methods, per source name, per step: accepted drafts that source drafted / its nodes in the tree.
+    accepted_by_source: dict[str, list[int]] | None = None
+    nodes_by_source: dict[str, list[int]] | None = None
+    tree_sizes: list[int] | None = None  # per step: draft nodes verified
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -143,9 +145,11 @@ def run_turn(
         return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, len(lengths), lengths)
     out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos)
     new = out.sequences[0, input_ids.shape[1]:]
+    tree_run = bool(out.accepted_by_source)
     return TurnResult(
         _decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths),
-        out.jacobi_accepted, out.retrieval_accepted,
+        out.accepted_by_source if tree_run else None, out.nodes_by_source if tree_run else None,
+        out.tree_sizes if tree_run else None,
     )
 
 
@@ -153,6 +157,14 @@ def _per_step(turns: Sequence[TurnResult], field: str) -> list[int] | None:
     """A per-step list over all turns, or None when some turn does not record it."""
     values = [getattr(t, field) for t in turns]
     return None if any(v is None for v in values) else [x for v in values for x in v]
+
+
+def _per_source(turns: Sequence[TurnResult], field: str) -> dict[str, list[int]] | None:
+    """Per source name, a per-step list over all turns; None when some turn does not record it."""
+    values = [getattr(t, field) for t in turns]
+    if any(v is None for v in values):
+        return None
+    return {name: [x for v in values for x in v[name]] for name in values[0]}
 
 
 def _decode(tokenizer, ids: torch.Tensor) -> str:
@@ -185,8 +197,12 @@ def answer_question(
                 "wall_time": [t.wall_time for t in turns],
                 "decoding_steps": [t.steps for t in turns],
                 "accept_lengths": _per_step(turns, "accept_lengths"),
-                "jacobi_accepted": _per_step(turns, "jacobi_accepted"),
-                "retrieval_accepted": _per_step(turns, "retrieval_accepted"),
+                "accepted_by_source": (by_source := _per_source(turns, "accepted_by_source")),
+                "nodes_by_source": _per_source(turns, "nodes_by_source"),
+                "tree_sizes": _per_step(turns, "tree_sizes"),
+                # kept for readers of older runs (benchmarks/reproduce): two of the sources above
+                "jacobi_accepted": by_source["jacobi"] if by_source else None,
+                "retrieval_accepted": by_source["retrieval"] if by_source else None,
             }
         ],
         "tstamp": time.time(),

@@ -4,9 +4,9 @@ Per answer, speed = sum of new tokens / sum of wall time over its turns; a metho
 its answers' speeds (Spec-Bench's ``speed.py``), speedup = that mean / the baseline's over the same
 questions, MAT = mean accepted tokens per decoding step (bonus included; pooled over all steps: the mean of
 every answer's ``accept_lengths``, which every method records, transformers' prompt lookup too), and
-identical_rate = share of questions whose every turn's text equals the baseline's. For tree methods,
-jacobi/retrieval per step = accepted draft tokens per step that a Jacobi node / the retrieval chain drafted
-(a token both drafted counts for both): where tr-jacobi's speed-up comes from. Only questions that
+identical_rate = share of questions whose every turn's text equals the baseline's. For tree methods, per
+draft source: accepted draft tokens per step it drafted (a token several sources drafted counts for each)
+and its nodes per step in the verified tree: where the speed-up comes from. Only questions that
 every method finished count, so an interrupted run still compares like with like.
 """
 
@@ -84,6 +84,16 @@ def _source_per_step(recs: Sequence[dict], field: str) -> float | None:
     return sum(map(sum, values)) / steps if steps else None
 
 
+def _by_source_per_step(recs: Sequence[dict], field: str) -> dict[str, float] | None:
+    """Per source: pooled per-step mean of ``field`` (a name -> per-step list map); None unless all record it."""
+    values = [_choice(r).get(field) for r in recs]
+    if not values or any(v is None for v in values):
+        return None
+    steps = sum(len(next(iter(v.values()), [])) for v in values)
+    names = sorted({n for v in values for n in v})
+    return {n: sum(sum(v.get(n, [])) for v in values) / steps for n in names} if steps else None
+
+
 def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
     speeds = [answer_speed(r) for r in recs]
     tps = sum(speeds) / len(speeds)
@@ -96,6 +106,8 @@ def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
         "identical_rate": None,
         "jacobi_per_step": _source_per_step(recs, "jacobi_accepted"),
         "retrieval_per_step": _source_per_step(recs, "retrieval_accepted"),
+        "drafted_per_step": _by_source_per_step(recs, "accepted_by_source"),
+        "nodes_per_step": _by_source_per_step(recs, "nodes_by_source"),
         "answers": len(recs),
         "new_tokens": sum(sum(_choice(r)["new_tokens"]) for r in recs),
         "wall_time": sum(sum(_choice(r)["wall_time"]) for r in recs),
@@ -147,18 +159,25 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 
 def overall_table(summary: Mapping) -> str:
     base = summary.get("baseline") or BASELINE
-    lines = [f"| method | tokens/s | speedup | MAT | identical to {base} | drafted by Jacobi / retrieval |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| method | tokens/s | speedup | MAT | identical to {base} | accepted drafts per step by source "
+             "(nodes per step) |", "|---|---:|---:|---:|---:|---|"]
     for m, e in summary["methods"].items():
         o = e["overall"]
-        j, r = o.get("jacobi_per_step"), o.get("retrieval_per_step")
-        sources = "–" if j is None or r is None else f"{j:.2f} / {r:.2f}"
+        sources = _sources_cell(o)
         lines.append(
             f"| {m} | {_fmt(o['tokens_per_s'], '.1f')} | {_fmt(o['speedup'], '.2f', 'x')} | "
             f"{_fmt(o['mat'], '.2f')} | {_fmt(None if o['identical_rate'] is None else 100 * o['identical_rate'], '.0f', '%')} "
             f"| {sources} |"
         )
     return "\n".join(lines)
+
+
+def _sources_cell(o: Mapping) -> str:
+    drafted, nodes = o.get("drafted_per_step"), o.get("nodes_per_step") or {}
+    if drafted:
+        return ", ".join(f"{n} {v:.2f} ({nodes.get(n, 0):.1f})" for n, v in drafted.items() if v or nodes.get(n))
+    j, r = o.get("jacobi_per_step"), o.get("retrieval_per_step")  # answers from before per-source maps
+    return "–" if j is None or r is None else f"jacobi {j:.2f}, retrieval {r:.2f}"
 
 
 def category_table(summary: Mapping) -> str:
@@ -191,8 +210,8 @@ def to_markdown(summary: Mapping) -> str:
              category_table(summary), "",
              "Speed = new tokens / wall time (prefill included) per answer, averaged over answers; "
              "MAT = mean accepted tokens per decoding step, bonus token included (Spec-Bench conventions); "
-             "drafted by Jacobi / retrieval = accepted draft tokens per step each source drafted (a token both "
-             "drafted counts for both).", ""]
+             "accepted drafts per step by source = accepted draft tokens per step each source drafted (a token "
+             "several sources drafted counts for each), in brackets that source's draft nodes per step.", ""]
     approx = [m for m, e in summary["methods"].items() if e["overall"].get("mat_from") == "steps"]
     if approx:
         parts += [f"MAT of {', '.join(approx)}: new tokens / forward passes (its answer files record no "

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from msn.decoding.engine import METHODS
+from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
 
 
@@ -26,8 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", help="read the prompt from this file ('-' = stdin)")
     p.add_argument("--method", choices=METHODS, default="tr-jacobi")
     p.add_argument("--tree", default=None,
-                   help="tree preset name or JSON file (default, as in msn bench: official-68 on GPU, "
-                        "cpu-bf16-16 for bf16/fp16 on CPU, cpu-fp32-8 for fp32 on CPU)")
+                   help=TREE_HELP)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--raw", action="store_true",
                      help="send the text as is (default: wrap it in the model's chat template when it has one)")

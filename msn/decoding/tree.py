@@ -45,6 +45,8 @@ METHOD_SOURCES: dict[str, tuple[str, ...]] = {
     "tr-jacobi": ("jacobi", "retrieval", "recycling"),
 }
 METHODS = tuple(METHOD_SOURCES)
+TREE_HELP = ("'auto' (default: the nodes worth verifying, chosen per step from this model's measured forward "
+             "latency), a preset (official-68, cpu-bf16-16, cpu-fp32-8) or a JSON file from msn tune-tree")
 AUTO_MAX_NODES = 64  # the auto tree never verifies more (t(n) is measured up to here)
 
 

@@ -17,6 +17,11 @@ DEPTH = 16
 PRIOR = {1: 0.2, 2: 0.4, 3: 0.6}  # edge acceptance before any evidence, by match length
 
 
+def streak_bucket(accepted: int) -> int:
+    """How far the last step's chain was accepted, coarsely: copying a long span makes the next chain likely."""
+    return 0 if accepted == 0 else 1 if accepted < 3 else 2 if accepted < 8 else 3
+
+
 class RetrievalIndex:
     """For each n-gram (n = 1..max_ngram): its earliest and latest occurrence with a following token."""
 
@@ -60,28 +65,44 @@ class RetrievalSource(DraftSource):
         self.depth, self.branches, self.max_ngram = depth, branches, max_ngram
         self.index = RetrievalIndex(max_ngram)
         self.last_chain = 0  # tokens the chain(s) drafted in the last proposal (before the budget cut)
+        self.chains: list[list[int]] = []  # the last proposal's chains
+        self.streak = 0  # leading tokens of the last proposal's best chain that were committed
 
     def begin(self, prompt, prefill_logits, generator) -> None:
         self.index = RetrievalIndex(self.max_ngram)
         self.index.extend(prompt.tolist())
+        self.chains, self.streak = [], 0
 
     def propose(self, committed: torch.Tensor, budget: Budget) -> Draft:
         static = budget.shape is not None
         depth = budget.shape if static else self.depth
         n, first, last = self.index.match()
         draft = Draft()
-        self.last_chain = 0
+        self.last_chain, self.chains = 0, []
         if not n:
             return draft
         starts = [first] if static or self.branches == 1 or last == first else [first, last]
         score = PRIOR.get(n, 0.6)
+        streak = streak_bucket(self.streak)
         for start in starts:
-            chain = self.index.ids[start : start + depth]
-            self.last_chain = max(self.last_chain, len(chain))
+            chain = self.index.ids[start : start + depth][: max(budget.max_depth, 0)]
+            self.chains.append(chain)
+            self.last_chain = max(self.last_chain, len(self.index.ids[start : start + depth]))
             parent = -1
-            for d, tok in enumerate(chain[: budget.max_depth], start=1):
-                parent = draft.add(parent, tok, score, (d, n), ("retrieval", d) if start == first else None)
+            for d, tok in enumerate(chain, start=1):
+                parent = draft.add(parent, tok, score, (min(d, 8), n, streak), ("retrieval", d) if start == first else None)
         return draft
 
     def observe(self, step: VerifiedStep) -> None:
-        self.index.extend(step.new_tokens)
+        new = step.new_tokens
+        self.streak = max((_common_prefix(c, new) for c in self.chains), default=0)
+        self.index.extend(new)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
