@@ -104,6 +104,26 @@ def test_methods_run_interleaved_after_warmup(model, tok, monkeypatch):
     assert seen == [(1, ["ar", "pld", "tr-jacobi"]), (2, ["ar", "pld", "tr-jacobi"]), (3, ["ar", "pld", "tr-jacobi"])]
 
 
+def test_each_method_keeps_its_own_decoder_state(model, tok, monkeypatch):
+    """One method's recycling table must never hold another method's answer to the same prompt."""
+    states: dict[str, list] = {}
+    real = runner.generate
+
+    def spy(*a, state=None, method=None, **k):
+        states.setdefault(method, []).append(state)
+        return real(*a, state=state, method=method, **k)
+
+    monkeypatch.setattr(runner, "generate", spy)
+    runner.run_questions(model, tok, QUESTIONS, ["recycling", "tr-jacobi"], 8, lambda q, recs: None, warmup=1)
+    warm = {m: v[0] for m, v in states.items()}
+    timed = {m: v[1:] for m, v in states.items()}
+    assert all(len({id(s) for s in v}) == 1 for v in timed.values()), "a method keeps one state over the run"
+    assert timed["recycling"][0] is not timed["tr-jacobi"][0], "methods do not share a state"
+    assert all(warm[m] is not timed[m][0] for m in warm), "the warm-up's state is not carried into the timing"
+    table = timed["tr-jacobi"][0].sources["recycling"].next_ids
+    assert table is not None and (table >= 0).any(), "the method's own table did fill up"
+
+
 def cfg(tmp_path, methods=("ar", "pld", "jacobi", "tr-jacobi"), questions=QUESTIONS):
     return session.BenchConfig(model="tiny-llama", questions=questions, methods=list(methods), out=tmp_path,
                                dtype="fp32", device="cpu", max_new_tokens=10)

@@ -37,7 +37,7 @@ def test_demo_prints_table_and_report(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(before)
     assert code == 0
     out = capsys.readouterr().out
-    assert "| method | tokens/s | speedup | MAT | identical to ar | drafted by Jacobi / retrieval |" in out
+    assert "| method | tokens/s | speedup | MAT | identical to ar | accepted drafts per step by source" in out
     for m in ("ar", "pld", "jacobi", "tr-jacobi"):
         assert f"| {m} |" in out
     assert f"report: {tmp_path / 'summary.md'}" in out

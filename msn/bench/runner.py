@@ -17,6 +17,7 @@ import torch
 from msn.bench.questions import Question
 from msn.decoding import METHODS as ENGINE_METHODS
 from msn.decoding import generate
+from msn.decoding.engine import DecoderState
 from msn.decoding.tree import TreeTemplate
 from msn.errors import InputError
 
@@ -122,7 +123,7 @@ class _PldAcceptRecorder:
 
 def run_turn(
     model, tokenizer, method: str, input_ids: torch.Tensor, max_new_tokens: int,
-    tree: TreeTemplate | str | None, eos: list[int],
+    tree: TreeTemplate | str | None, eos: list[int], state: DecoderState | None = None,
 ) -> TurnResult:
     """One greedy generation, timed with perf_counter around the whole call (prefill included)."""
     input_ids = input_ids.to(model.device)
@@ -143,7 +144,8 @@ def run_turn(
         if sum(lengths) != new.numel():  # would mean transformers changed its loop: never write wrong MATs
             raise RuntimeError(f"pld recorded {sum(lengths)} accepted tokens for {new.numel()} new tokens")
         return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, len(lengths), lengths)
-    out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos)
+    out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos,
+                   state=state)
     new = out.sequences[0, input_ids.shape[1]:]
     tree_run = bool(out.accepted_by_source)
     return TurnResult(
@@ -173,14 +175,15 @@ def _decode(tokenizer, ids: torch.Tensor) -> str:
 
 def answer_question(
     model, tokenizer, question: Question, method: str, max_new_tokens: int,
-    tree: TreeTemplate | str | None, eos: list[int], model_id: str,
+    tree: TreeTemplate | str | None, eos: list[int], model_id: str, state: DecoderState | None = None,
 ) -> dict:
     """All turns of one question with one method, as a Spec-Bench answer record."""
     messages: list[dict[str, str]] = []
     turns: list[TurnResult] = []
     for turn in question.turns:
         messages.append({"role": "user", "content": turn})
-        result = run_turn(model, tokenizer, method, encode_chat(tokenizer, messages), max_new_tokens, tree, eos)
+        result = run_turn(model, tokenizer, method, encode_chat(tokenizer, messages), max_new_tokens, tree, eos,
+                          state)
         messages.append({"role": "assistant", "content": result.text})
         turns.append(result)
     return {
@@ -216,12 +219,18 @@ def run_questions(
 ) -> None:
     """Warm up, then answer every question with every method in turn. ``on_question`` receives one
     question's records (method -> record) only once all methods have finished it, so an interruption
-    never leaves a question measured for some methods and not others."""
+    never leaves a question measured for some methods and not others.
+
+    Each method has its own decoder state (recycling table, calibration), started fresh after the warm-up:
+    with one shared state, a method would draft from the table another method had just filled with its
+    answer to the very same prompt, an advantage no real request has."""
     eos = eos_ids(model, tokenizer)
     for q in list(questions)[:warmup]:
         short = Question(q.question_id, q.category, q.turns[:1])
         for m in methods:
-            answer_question(model, tokenizer, short, m, min(16, max_new_tokens), tree, eos, model_id)
+            answer_question(model, tokenizer, short, m, min(16, max_new_tokens), tree, eos, model_id, DecoderState())
+    states = {m: DecoderState() for m in methods}
     for q in questions:
-        records = {m: answer_question(model, tokenizer, q, m, max_new_tokens, tree, eos, model_id) for m in methods}
+        records = {m: answer_question(model, tokenizer, q, m, max_new_tokens, tree, eos, model_id, states[m])
+                   for m in methods}
         on_question(q, records)

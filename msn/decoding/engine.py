@@ -58,10 +58,12 @@ class GenerateOutput:
 
 @dataclass
 class DecoderState:
-    """What a model's decoder keeps across requests: its sources (the recycling table lives there), the
-    calibration counters and the latency curve."""
+    """What a decoder keeps across requests: its sources (the recycling table lives there), the calibration
+    counters and the latency curve. By default one per model; pass ``state=DecoderState()`` to
+    :func:`generate` to keep separate histories (a benchmark gives each method its own, so one method's
+    table never holds another method's answer to the same prompt)."""
 
-    sources: dict[str, DraftSource]
+    sources: dict[str, DraftSource] = field(default_factory=lambda: {n: cls() for n, cls in SOURCES.items()})
     calibrator: Calibrator = field(default_factory=Calibrator)
     latency: Latency | None = None
 
@@ -70,9 +72,10 @@ _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoder_state(model) -> DecoderState:
+    """The model's shared decoder state."""
     state = _STATES.get(model)
     if state is None:
-        state = DecoderState({name: cls() for name, cls in SOURCES.items()})
+        state = DecoderState()
         _STATES[model] = state
     return state
 
@@ -80,12 +83,14 @@ def decoder_state(model) -> DecoderState:
 @torch.inference_mode()
 def generate(model, input_ids=None, max_new_tokens: int | None = None, method: str = "tr-jacobi",
              tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
-             seed: int = 0, generation_config=None, attention_mask=None, **kwargs) -> GenerateOutput | torch.Tensor:
+             seed: int = 0, generation_config=None, attention_mask=None, state: DecoderState | None = None,
+             **kwargs) -> GenerateOutput | torch.Tensor:
     """Greedy generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding.
 
     Returns a :class:`GenerateOutput`. Also works as ``model.generate(ids, custom_generate=msn.generate,
     method=..., tree=...)``: then settings come from the generation config and the sequences are returned.
-    Unknown or unsupported keywords raise :class:`msn.errors.MsnError` instead of being ignored.
+    Unknown or unsupported keywords raise :class:`msn.errors.MsnError` instead of being ignored. ``state``:
+    the draft tables, calibration and latency curve to use and update (default: the model's shared ones).
     """
     req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
                         attention_mask, kwargs)
@@ -93,7 +98,7 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     if was_training:
         model.eval()  # dropout on would decode a different (degenerate) text
     try:
-        out = _Decoder(model, req, streamer, seed).run()
+        out = _Decoder(model, req, streamer, seed, state or decoder_state(model)).run()
     finally:
         if was_training:
             model.train()
@@ -112,7 +117,7 @@ def _tree_mask(ancestors: torch.Tensor, past: int, dtype: torch.dtype) -> torch.
 class _Decoder:
     """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
-    def __init__(self, model, req: Request, streamer, seed: int):
+    def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState):
         self.model, self.req, self.streamer = model, req, streamer
         self.device, self.dtype = req.input_ids.device, model.dtype
         self.kw = cache_keyword(model)
@@ -121,7 +126,7 @@ class _Decoder:
         self.committed = torch.empty(self.prompt_len + req.max_new_tokens, dtype=torch.long, device=self.device)
         self.committed[: self.prompt_len] = req.input_ids[0]
         self.length = self.prompt_len
-        self.state = decoder_state(model)
+        self.state = state
         self.auto = isinstance(req.tree, AutoTree)
         names = req.tree.sources
         self.sources = {name: self.state.sources[name] for name in names}

@@ -48,19 +48,12 @@ class Trie:
         return node
 
     def path_probs(self) -> list[float]:
-        """q per node. Siblings are mutually exclusive (at most one equals the model's choice), so their
-        edges are capped to sum to at most 1, likeliest first: a confident retrieval chain leaves little
-        probability to the candidates beside it, and the tree does not pay for them."""
-        edge = list(self.edge)
-        for kids in self.children:
-            if len(kids) > 1:
-                left = 1.0
-                for c in sorted(kids.values(), key=lambda c: -edge[c]):
-                    edge[c] = min(edge[c], left)
-                    left -= edge[c]
+        """q per node: the product of edge estimates along its path. Each edge is calibrated on its own, so
+        siblings' estimates can sum past 1; capping them (siblings are exclusive events) was measured and
+        made trees smaller and decoding slower (docs/results.md §11), so they are left as they are."""
         q = [1.0] * len(self.tokens)
         for i in range(1, len(q)):
-            q[i] = q[self.parents[i]] * edge[i]
+            q[i] = q[self.parents[i]] * self.edge[i]
         return q
 
 
