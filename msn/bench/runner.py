@@ -20,6 +20,7 @@ from msn.decoding import generate
 from msn.decoding.engine import DecoderState
 from msn.decoding.tree import TreeTemplate
 from msn.errors import InputError
+from msn.prompting import encode_chat, eos_ids
 
 BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"])
 DEFAULT_METHODS = ("ar", "pld", "jacobi", "tr-jacobi")
@@ -52,25 +53,6 @@ class TurnResult:
     accepted_by_source: dict[str, list[int]] | None = None
     nodes_by_source: dict[str, list[int]] | None = None
     tree_sizes: list[int] | None = None  # per step: draft nodes verified
-
-
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> torch.Tensor:
-    """Prompt ids [1, L] with the model's own chat template (plain "User:/Assistant:" text without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return ids
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
 
 
 class _PldAcceptRecorder:

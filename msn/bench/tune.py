@@ -146,8 +146,8 @@ def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequen
                        max_new_tokens: int = 64) -> tuple[list[float], int, list[float]]:
     """Per template node (root excluded): share of steps it was on the accepted path; the step count; and
     per retrieval depth d, the share of steps whose retrieval chain reached depth d."""
-    from msn.bench.runner import encode_chat, eos_ids
     from msn.decoding import generate
+    from msn.prompting import encode_chat, eos_ids
 
     eos = eos_ids(model, tokenizer)
     hits = torch.zeros(template.size + 1, dtype=torch.long)

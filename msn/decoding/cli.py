@@ -56,23 +56,14 @@ def _read_prompt(args) -> str:
     return text
 
 
-def encode_prompt(tok, text: str, raw: bool = False):
-    """Prompt ids [1, L]: the chat template (as ``msn bench`` applies it) unless ``raw`` or there is none."""
-    from msn.bench.runner import encode_chat
-
-    if raw or not getattr(tok, "chat_template", None):
-        return tok(text, return_tensors="pt")["input_ids"]
-    return encode_chat(tok, [{"role": "user", "content": text}])
-
-
 def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from msn.bench.runner import eos_ids
     from msn.bench.session import pick_device, resolve_bench_tree
     from msn.decoding.engine import generate
     from msn.models import load_model
+    from msn.prompting import encode_prompt, eos_ids
 
     text = _read_prompt(args)
     if args.max_new_tokens < 1:

@@ -9,6 +9,7 @@ import torch
 
 from msn.decoding.tree import METHODS, Tree, resolve_tree
 from msn.errors import MsnError
+from msn.prompting import eos_ids
 
 
 @dataclass
@@ -21,18 +22,11 @@ class Request:
     via_hf: bool
 
 
-def resolve_eos(model, eos_token_id=None, tokenizer=None) -> set[int]:
-    """The stop ids: the given ones, else the model's generation config, else the tokenizer's."""
-    eos = eos_token_id
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    if isinstance(eos, torch.Tensor):
-        eos = eos.tolist()
-    return {int(e) for e in (eos if isinstance(eos, list | tuple | set) else [eos])}
+def resolve_eos(model, eos_token_id=None) -> set[int]:
+    """The stop ids: the given ones, else the model's generation config's (see :func:`msn.prompting.eos_ids`)."""
+    if eos_token_id is None:
+        return set(eos_ids(model))
+    return set(eos_ids(override=eos_token_id))
 
 
 def _context_limit(config) -> int | None:

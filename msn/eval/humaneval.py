@@ -10,15 +10,14 @@ import gzip
 import importlib.util
 import json
 import re
-import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from msn.errors import MsnError
 from msn.eval.sandbox import SandboxResult, run_python
+from msn.prompting import chat_text, encode_text, eos_ids
 
 # Codex-paper stop sequences: a base model's completion ends where top-level code starts again.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -67,8 +66,7 @@ def build_prompt(problem: dict, tokenizer, chat: bool) -> str:
     if not chat:
         return problem["prompt"]
     messages = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + chat_prefix(problem)
+    return chat_text(tokenizer, messages) + chat_prefix(problem)
 
 
 def truncate_completion(text: str) -> str:
@@ -113,25 +111,9 @@ def check_completion(problem: dict, completion: str, timeout: float = 10.0) -> S
     return run_python(program(problem, completion), timeout=timeout)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
-        ids += value if isinstance(value, list) else [value] if value is not None else []
-    return sorted(set(ids))
-
-
 def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, method: str, eos: list[int]):
-    try:
-        from msn.decoding import generate
-    except ImportError:
-        # Minimal stand-in while the decoding engine is missing: plain greedy AR only.
-        if method != "ar":
-            raise MsnError(f"method {method!r} needs msn.decoding, which failed to import") from None
-        start = time.perf_counter()
-        seq = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos or None)
-        new = seq.shape[1] - input_ids.shape[1]
-        return SimpleNamespace(sequences=seq, new_tokens=new, steps=new, wall_time=time.perf_counter() - start)
+    from msn.decoding import generate
+
     return generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, eos_token_id=eos or None)
 
 
@@ -164,14 +146,14 @@ def evaluate_humaneval(
     """
     problems = load_problems(limit) if problems is None else problems[:limit]
     chat = uses_chat(tokenizer) if chat is None else chat
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     results: list[dict[str, Any]] = []
     with _progress(progress) as bar:
         task = bar.add_task("", total=len(problems))
         for problem in problems:
             text = build_prompt(problem, tokenizer, chat)
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"].to(device)
+            ids = encode_text(tokenizer, text, special_tokens=not chat).to(device)
             out = _generate(model, ids, max_new_tokens, method, eos)
             reply = tokenizer.decode(out.sequences[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
             if chat:

@@ -1,0 +1,48 @@
+"""One prompt encoder and one EOS rule for every caller."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_model
+
+from msn.bench.fakes import ByteChatTokenizer
+from msn.prompting import PLAIN_ASSISTANT, chat_text, encode_chat, encode_prompt, eos_ids
+
+
+class Plain(ByteChatTokenizer):
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = ([1] if add_special_tokens else []) + self.encode(text)  # 1 = a BOS only special tokens add
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def test_eos_is_the_union_of_config_and_tokenizer_unless_overridden():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = [2, 7]
+    tok = ByteChatTokenizer(eos_token_id=9)
+    assert eos_ids(model, tok) == [2, 7, 9]
+    assert eos_ids(model) == [2, 7]
+    assert eos_ids(model, tok, override=5) == [5]
+    assert eos_ids(model, tok, override=[]) == []  # an explicit "never stop"
+    assert eos_ids(model, tok, override=torch.tensor([4, 3])) == [3, 4]
+    model.generation_config.eos_token_id = None
+    assert eos_ids(model, ByteChatTokenizer(eos_token_id=None)) == []
+
+
+def test_chat_uses_the_template_and_plain_text_without_one():
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"}]
+    assert chat_text(ByteChatTokenizer(), msgs) == "<user>hi</user><assistant>yo</assistant><user>q</user><assistant>"
+    plain = chat_text(Plain(), msgs)
+    assert plain == "User: hi\n\nAssistant: yo\n\nUser: q\n\n" + PLAIN_ASSISTANT
+    ids = encode_chat(Plain(), msgs)
+    assert ids.shape[0] == 1 and int(ids[0, 0]) != 1, "a rendered chat gets no extra special tokens"
+
+
+def test_encode_prompt_raw_vs_chat():
+    tok = ByteChatTokenizer()
+    chat = encode_prompt(tok, "hello")
+    assert tok.decode(chat[0].tolist()) == "<user>hello</user><assistant>"
+    raw = encode_prompt(tok, "hello", raw=True)
+    assert tok.decode(raw[0].tolist()) == "hello"
+    assert int(encode_prompt(Plain(), "hello")[0, 0]) == 1, "no template: the text as is, with special tokens"
