@@ -167,6 +167,11 @@ def test_bad_ids_are_refused(guarded, ids, match):
         msn.generate(guarded(), ids, max_new_tokens=3)
 
 
+def test_rank_beyond_the_vocabulary_is_refused_before_any_forward(guarded):
+    with pytest.raises(MsnError, match="rank 200"):
+        msn.generate(guarded(), torch.tensor([[5, 6]]), tree={"jacobi": [[200]], "retrieval": 0})
+
+
 def test_all_ones_mask_and_list_ids_are_fine():
     model = tiny_model("llama")
     ids = torch.tensor([[5, 6, 7, 5, 6]])

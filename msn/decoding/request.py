@@ -114,6 +114,11 @@ def parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, 
 
 def _check_model(model, prompt_len: int, max_new_tokens: int, tree: Tree) -> None:
     config = model.config
+    vocab = getattr(config, "vocab_size", None)
+    top_k = getattr(tree, "top_k", 0)
+    if vocab and top_k > vocab:
+        raise MsnError(f"tree {tree.name!r} asks for Jacobi candidate rank {top_k - 1}, but the vocabulary has only "
+                       f"{vocab} tokens: use ranks below {vocab}")
     limit = _context_limit(config)
     total = prompt_len + max_new_tokens
     if limit is not None and total > limit:
