@@ -213,10 +213,11 @@ def test_custom_generate_equals_plain_greedy(method):
     assert torch.equal(got, ref) and int(got[0, -1]) == eos
 
 
-def test_custom_generate_refuses_sampling():
+def test_custom_generate_refuses_logit_processors():
     model = _model("llama", 1)
-    with pytest.raises(msn.errors.MsnError, match="greedy only"):
-        model.generate(torch.tensor([[5, 6]]), custom_generate=msn.generate, do_sample=True, max_new_tokens=3)
+    with pytest.raises(msn.errors.MsnError, match="RepetitionPenaltyLogitsProcessor"):
+        model.generate(torch.tensor([[5, 6]]), custom_generate=msn.generate, repetition_penalty=1.3,
+                       max_new_tokens=3)
 
 
 @pytest.mark.parametrize("method", ["ar", "tr-jacobi"])

@@ -138,8 +138,10 @@ def test_errors_are_single_clear_lines(guarded):
     [
         ({"max_new_token": 5}, "max_new_token"),  # a typo must not run with the default length
         ({"num_beams": 4}, "num_beams"),
-        ({"do_sample": True, "temperature": 1.0}, "greedy only"),
-        ({"temperature": 0.7}, "temperature"),
+        ({"temperature": 0.7}, "only apply to sampling"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+        ({"do_sample": True, "top_p": 1.5}, "top_p"),
+        ({"do_sample": True, "top_k": -1}, "top_k"),
         ({"max_new_tokens": 5.0}, "integer"),
         ({"max_new_tokens": True}, "integer"),
         ({"attention_mask": torch.tensor([[0, 1, 1]])}, "padding"),

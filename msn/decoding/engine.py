@@ -19,6 +19,7 @@ from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
 from msn.decoding.calibrate import Calibrator
 from msn.decoding.costs import Latency, load_or_measure
 from msn.decoding.request import Request, parse_request
+from msn.decoding.sampling import CoupledSampler, coupled_accept
 from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, VerifiedStep
 from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
 from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
@@ -85,7 +86,9 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
              tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              seed: int = 0, generation_config=None, attention_mask=None, state: DecoderState | None = None,
              **kwargs) -> GenerateOutput | torch.Tensor:
-    """Greedy generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding.
+    """Generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding: greedy, or
+    sampled with ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``min_p``; exact, and for a given
+    ``seed`` the same text whatever the method or tree, see :mod:`msn.decoding.sampling`).
 
     Returns a :class:`GenerateOutput`. Also works as ``model.generate(ids, custom_generate=msn.generate,
     method=..., tree=...)``: then settings come from the generation config and the sequences are returned.
@@ -93,7 +96,7 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     the draft tables, calibration and latency curve to use and update (default: the model's shared ones).
     """
     req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
-                        attention_mask, kwargs)
+                        attention_mask, kwargs, seed)
     was_training = model.training
     if was_training:
         model.eval()  # dropout on would decode a different (degenerate) text
@@ -145,6 +148,7 @@ class _Decoder:
         self.chain_lengths: list[int] = []
         self.tags = _template_tags(req.tree) if isinstance(req.tree, TreeTemplate) else None
         self.node_hits = torch.zeros(len(self.tags) + 1, dtype=torch.long) if self.tags is not None else None
+        self.sampler = CoupledSampler(req.sampling) if req.sampling is not None else None
         self.done = False
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -245,6 +249,9 @@ class _Decoder:
         return logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
 
     def accept(self, tree, logits, top_vals, top_ids) -> Acceptance:
+        """Greedy: the argmax path. Sampling: the path of coupled samples (drafts only ever propose)."""
+        if self.sampler is not None:
+            return coupled_accept(tree.children, logits, self.sampler, self.length)
         return greedy_accept(tree.children, argmax_rows(logits, top_vals, top_ids))
 
     def cut(self, tokens: list[int], acc: Acceptance) -> list[int]:
@@ -306,6 +313,8 @@ class _Decoder:
         self.committed[self.length : self.length + len(new)] = torch.tensor(new, device=self.device)
         self.length += len(new)
         self.accept_lengths.append(len(new))
+        if self.sampler is not None:
+            self.sampler.forget_before(self.length)
         if self.streamer is not None:
             self.streamer.put(torch.tensor(new))
         self.done = self.done or self.length - self.prompt_len >= self.req.max_new_tokens

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msn.decoding.sampling import SAMPLING_KEYS, Sampling, sampling_from
 from msn.decoding.tree import METHODS, Tree, resolve_tree
 from msn.errors import MsnError
 from msn.prompting import eos_ids
@@ -20,6 +21,7 @@ class Request:
     tree: Tree  # already narrowed to the method's sources
     eos: set[int]
     via_hf: bool
+    sampling: Sampling | None = None  # None: greedy
 
 
 def resolve_eos(model, eos_token_id=None) -> set[int]:
@@ -52,31 +54,41 @@ def _as_ids(input_ids) -> torch.Tensor:
     return input_ids.long()
 
 
-def _refuse_unknown(kwargs: dict, via_hf: bool, generation_config) -> None:
+_WARPERS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"}
+
+
+def _sampling(kwargs: dict, via_hf: bool, generation_config, seed: int) -> Sampling | None:
+    """Sampling settings, or None for greedy; every other keyword left in ``kwargs`` is an error."""
     do_sample = kwargs.pop("do_sample", None)
+    given = {k: kwargs.pop(k) for k in SAMPLING_KEYS if k in kwargs}
     if via_hf:
         do_sample = do_sample or getattr(generation_config, "do_sample", False)
         processors = kwargs.pop("logits_processor", None) or []
-        if len(processors):
-            names = ", ".join(type(p).__name__ for p in processors)
-            raise MsnError(f"msn decoding is greedy only: generation settings that change the logits ({names}) "
-                           "are not supported; drop them from the generation config")
+        other = [type(p).__name__ for p in processors if type(p).__name__ not in _WARPERS]
+        if other:
+            raise MsnError(f"generation settings that change the logits ({', '.join(other)}) are not supported by "
+                           "msn decoding; drop them from the generation config")
         # The rest are model inputs transformers prepared itself (cache, positions, logits_to_keep, ...): it has
         # already refused unknown ones (``_validate_model_kwargs``), and we build our own cache and positions.
         kwargs.clear()
-    if do_sample:
-        raise MsnError("msn decoding is greedy only: pass do_sample=False")
     if kwargs:
         names = ", ".join(sorted(kwargs))
-        raise MsnError(f"unknown or unsupported keyword(s) for msn.generate: {names} "
-                       "(accepted: max_new_tokens, method, tree, eos_token_id, streamer, seed, attention_mask)")
+        raise MsnError(f"unknown or unsupported keyword(s) for msn.generate: {names} (accepted: max_new_tokens, "
+                       "method, tree, eos_token_id, streamer, seed, attention_mask, state, do_sample, "
+                       f"{', '.join(SAMPLING_KEYS)})")
+    if not do_sample:
+        if any(v is not None for v in given.values()):
+            raise MsnError(f"{', '.join(k for k, v in given.items() if v is not None)} only apply to sampling: "
+                           "pass do_sample=True (or drop them for greedy decoding)")
+        return None
+    return sampling_from(given, base=generation_config if via_hf else None, seed=seed)
 
 
 def parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
-                  attention_mask, kwargs: dict) -> Request:
+                  attention_mask, kwargs: dict, seed: int = 0) -> Request:
     via_hf = generation_config is not None
     kwargs = dict(kwargs)
-    _refuse_unknown(kwargs, via_hf, generation_config)
+    sampling = _sampling(kwargs, via_hf, generation_config, seed)
     ids = _as_ids(input_ids)
     if via_hf:
         if max_new_tokens is None:
@@ -109,7 +121,7 @@ def parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, 
     ids = ids.to(device)
     narrowed = resolve_tree(tree, device, model.dtype).for_method(method)
     _check_model(model, ids.shape[1], max_new_tokens, narrowed)
-    return Request(ids, max_new_tokens, method, narrowed, resolve_eos(model, eos_token_id), via_hf)
+    return Request(ids, max_new_tokens, method, narrowed, resolve_eos(model, eos_token_id), via_hf, sampling)
 
 
 def _check_model(model, prompt_len: int, max_new_tokens: int, tree: Tree) -> None:
