@@ -1,5 +1,7 @@
 """The auto tree at work: what choosing the tree costs per step, and how big the chosen trees are.
 
+(This replaces benchmarks/profile_decode.py: its non-model share is the "non-model" column here.)
+
     python benchmarks/tree_choice.py --model smollm2-135m --dtype bf16 --questions 6 --threads 1 \
         --plot docs/img/auto-tree-sizes.png
 
@@ -66,6 +68,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--method", default="tr-jacobi")
+    p.add_argument("--tree", default=None, help="auto (default), a preset or a JSON file")
     p.add_argument("--questions-file", default=str(DEFAULT_QUESTIONS))
     p.add_argument("--questions", type=int, default=6, help="how many questions (spread over the file)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -84,9 +87,9 @@ def main() -> None:
         ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
                                       return_tensors="pt")
         ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-        msn.generate(model, ids, max_new_tokens=8, method=args.method)  # warm-up (and first t(n) measurement)
+        msn.generate(model, ids, max_new_tokens=8, method=args.method, tree=args.tree)  # warm-up (+ first t(n))
         timers.reset()
-        out = msn.generate(model, ids, max_new_tokens=args.max_new_tokens, method=args.method)
+        out = msn.generate(model, ids, max_new_tokens=args.max_new_tokens, method=args.method, tree=args.tree)
         choice = timers.total["propose"] + timers.total["choose"]
         row = {
             "category": q["category"], "new_tokens": out.new_tokens, "steps": out.steps, "mat": out.mean_accepted,
@@ -98,8 +101,9 @@ def main() -> None:
         results.append(row)
         print(f"{q['category']:>15}: {out.new_tokens} tokens, {out.steps} steps, MAT {out.mean_accepted:.2f}, "
               f"{out.new_tokens / out.wall_time:.1f} tok/s, tree choice {row['choice_share']:.1%}, "
-              f"non-model {row['non_model_share']:.1%}, mean tree {statistics.mean(out.tree_sizes):.1f} nodes, "
-              + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in out.nodes_by_source.items()))
+              f"non-model {row['non_model_share']:.1%}, "
+              f"mean tree {statistics.mean(out.tree_sizes or [0]):.1f} nodes, "
+              + ", ".join(f"{k} {statistics.mean(v or [0]):.1f}" for k, v in out.nodes_by_source.items()))
     print(f"median tree-choice share {statistics.median(r['choice_share'] for r in results):.1%}, "
           f"median non-model share {statistics.median(r['non_model_share'] for r in results):.1%} "
           f"({args.model}, {args.dtype}, {args.method}, {torch.get_num_threads()} threads)")

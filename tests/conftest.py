@@ -48,6 +48,19 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models run fastest on one torch thread, and two threads oversubscribe a busy 2-core machine many
+    times over. Tests marked slow (the real model) keep torch's choice."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_family_model(request):
     return tiny_model(request.param)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import tiny_model
 
 import msn.bench.runner as runner
@@ -19,14 +18,6 @@ QUESTIONS = [
     {"question_id": 2, "category": "writing", "turns": ["Write a haiku about rain."]},
     {"question_id": "three", "category": "qa", "turns": ["Name three primes."]},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import tiny_model
 
 import msn.bench.runner as runner
@@ -19,16 +18,6 @@ QUESTIONS = [
     Question(2, "writing", ("Write a haiku about rain.", "Now make it about snow.")),
     Question(3, "qa", ("Name three primes.",)),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy shared CPU makes extra threads very slow;
-    ``--threads`` in the CLI tests also sets this, so restore it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

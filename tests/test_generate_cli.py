@@ -19,14 +19,6 @@ class PlainTokenizer(ByteChatTokenizer):
     chat_template = None
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """Stand-in loader (records its arguments) and a spy on the engine's generate (records the prompt ids

@@ -24,15 +24,6 @@ from msn.decoding.tree import TreeTemplate
 from msn.decoding.verify import greedy_accept
 
 ALPHA = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny forwards: one thread (two oversubscribe a busy 2-core machine many times over)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 SETTINGS = [
     {"temperature": 1.0},
     {"temperature": 0.7, "top_p": 0.9},

@@ -19,14 +19,6 @@ from msn.bench.summary import answers_path
 DRAFT = runner.PLD_SETTINGS["prompt_lookup_num_tokens"]  # a step that accepts every draft adds DRAFT + 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cycle_model(cycles: list[list[int]]):
     """A tiny llama whose greedy next token is a fixed permutation of the last token: every layer's output
     projections are zero (the residual stream is the embedding) and the LM head row of ``next(i)`` is the

@@ -20,15 +20,6 @@ from msn.noise import NoiseConfig
 from msn.train import TrainConfig, check_output_dir, last_checkpoint, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with other jobs on the machine, more threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with SmolLM2's real tokenizer and chat template, saved as a normal HF folder."""

@@ -12,7 +12,7 @@ from test_train import Crash, fast
 from msn.errors import InputError, MsnError
 from msn.train import RUN_FILE, last_checkpoint, train
 
-tiny_dir, data_file, one_thread = _shared.tiny_dir, _shared.data_file, _shared.one_thread  # the same fixtures
+tiny_dir, data_file = _shared.tiny_dir, _shared.data_file  # the same fixtures
 
 
 def crash_at(step):

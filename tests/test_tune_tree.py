@@ -25,14 +25,6 @@ from msn.decoding.engine import _template_tags
 from msn.decoding.tree import TREE_PRESETS, TreeTemplate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def nodes_from(probs: dict) -> list[Node]:
     return [Node(k, parent_of(k), p) for k, p in probs.items()]
 
@@ -180,7 +172,6 @@ def test_rare_retrieval_chain_is_chosen_when_charged_by_its_share():
 
 
 def test_engine_reports_retrieval_chain_lengths():
-    import torch
 
     import msn
 
