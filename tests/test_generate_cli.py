@@ -131,3 +131,26 @@ def test_smollm2_answers_as_a_chat_model_without_flags(smollm2, monkeypatch, cap
     assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
     out = capsys.readouterr()
     assert "Paris" in out.out and "MAT" in out.err
+
+
+def test_sampling_flags_sample_and_the_seed_decides(calls, capsys):
+    assert run("--temperature", "0.9", "--top-k", "40", "--seed", "3") == 0
+    got = calls["generate"][-1]
+    assert got["do_sample"] is True and got["temperature"] == 0.9 and got["top_k"] == 40 and got["seed"] == 3
+    first = capsys.readouterr()
+    assert "sampled temperature=0.9, top_k=40, seed=3" in first.err
+    assert run("--temperature", "0.9", "--top-k", "40", "--seed", "3") == 0
+    assert capsys.readouterr().out == first.out, "same seed, same text"
+    assert run() == 0
+    assert "do_sample" not in calls["generate"][-1] and "greedy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--temperature", "0"), "temperature must be > 0"),
+    (("--top-p", "1.5"), "top_p must be in [0, 1]"),
+    (("--top-k", "-2"), "top_k must be an integer >= 0"),
+])
+def test_bad_sampling_flags_are_one_line_before_loading(calls, capsys, flags, message):
+    assert run(*flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and calls["load"] == []

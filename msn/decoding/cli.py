@@ -39,6 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    samp = p.add_argument_group("sampling (any of these samples instead of greedy decoding; exact, seeded)")
+    samp.add_argument("--temperature", type=float, default=None, help="e.g. 0.7 (default: greedy)")
+    samp.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.9")
+    samp.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    samp.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    samp.add_argument("--seed", type=int, default=0, help="same seed, same text for every method (default: 0)")
+
+
+def sampling_kwargs(args) -> dict:
+    """``do_sample`` plus the given settings, checked (one clear error) before any model loads."""
+    from msn.decoding.sampling import sampling_from
+
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    sampling_from(given, seed=args.seed)  # validates
+    return {"do_sample": True, **given}
 
 
 def _read_prompt(args) -> str:
@@ -72,6 +90,7 @@ def run(args) -> int:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     device = pick_device(args.device)
     tree = resolve_bench_tree(args.tree, device, args.dtype)  # bench's default; a bad --tree fails before loading
+    sampling = sampling_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=device)
@@ -81,13 +100,15 @@ def run(args) -> int:
     streamer = None if args.no_stream else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     out = generate(
         model, ids, max_new_tokens=args.max_new_tokens, method=args.method, tree=tree,
-        eos_token_id=eos_ids(model, tok), streamer=streamer,
+        eos_token_id=eos_ids(model, tok), streamer=streamer, seed=args.seed, **sampling,
     )  # fmt: skip
     if streamer is None:
         print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
     speed = out.new_tokens / max(out.wall_time, 1e-9)
+    mode = "greedy" if not sampling else "sampled " + ", ".join(f"{k}={v}" for k, v in sampling.items()
+                                                                  if k != "do_sample") + f", seed={args.seed}"
     print(
-        f"[{args.method}] {out.new_tokens} tokens in {out.wall_time:.2f}s = {speed:.1f} tok/s, "
+        f"[{args.method}, {mode}] {out.new_tokens} tokens in {out.wall_time:.2f}s = {speed:.1f} tok/s, "
         f"MAT {out.mean_accepted:.2f}, {out.steps} steps, tree {out.tree.name} ({out.tree.size} nodes), "
         f"{torch.get_num_threads()} threads",
         file=sys.stderr,
