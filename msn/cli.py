@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
-        args = parser.parse_args(argv)  # --help, --version, or an unknown command: argparse explains
+        parser.parse_args(argv)  # --help, --version, or an unknown command: argparse explains
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -6,10 +6,10 @@ import json
 
 import pytest
 from conftest import tiny_model
+from fakes import ByteChatTokenizer
 
 import msn.bench.runner as runner
 import msn.bench.session as session
-from msn.bench.fakes import ByteChatTokenizer
 from msn.bench.questions import Question
 from msn.cli import main
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
+from fakes import ByteChatTokenizer
 
 import msn.bench.session as session
 from msn.bench.demo import PROMPTS, demo_questions
-from msn.bench.fakes import ByteChatTokenizer
 from msn.cli import main
 
 

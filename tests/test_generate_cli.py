@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from fakes import ByteChatTokenizer
 
 import msn.decoding.engine as engine
 import msn.models
-from msn.bench.fakes import ByteChatTokenizer
 from msn.cli import main
 
 PROMPT = "What is the capital of France?"

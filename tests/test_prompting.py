@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from conftest import tiny_model
+from fakes import ByteChatTokenizer
 
-from msn.bench.fakes import ByteChatTokenizer
 from msn.prompting import PLAIN_ASSISTANT, chat_text, encode_chat, encode_prompt, eos_ids
 
 

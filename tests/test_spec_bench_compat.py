@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from fakes import ByteChatTokenizer
 
 import msn.bench.runner as runner
 import msn.bench.session as session
-from msn.bench.fakes import ByteChatTokenizer
 from msn.bench.questions import Question
 from msn.bench.summary import answers_path
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
+from fakes import ByteChatTokenizer
 
 from msn.bench import tune
-from msn.bench.fakes import ByteChatTokenizer
 from msn.bench.tune import (
     Node,
     expected_cost,

@@ -24,7 +24,6 @@ from msn.prompting import encode_chat, eos_ids
 
 BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"])
 DEFAULT_METHODS = ("ar", "pld", "jacobi", "tr-jacobi")
-BASELINE = "ar"
 PLD_SETTINGS = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3}
 
 

@@ -34,10 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
     """Run one task on a loaded model; returns a flat dict of results."""
     if args.task == "humaneval":
-        try:
-            from msn.eval.humaneval import evaluate_humaneval
-        except ImportError as e:
-            raise MsnError(f"humaneval evaluation is not available yet ({e})") from None
+        from msn.eval.humaneval import evaluate_humaneval
+
         return dict(
             evaluate_humaneval(
                 model, tokenizer, method=args.method, limit=args.limit, max_new_tokens=args.max_new_tokens

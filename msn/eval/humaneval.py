@@ -52,7 +52,7 @@ def uses_chat(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_prefix(problem: dict) -> str:
+def chat_prefix() -> str:
     """Start of the assistant turn: an opened code block makes small models write code first.
 
     Not the whole prompt: SmolLM2-135M-Instruct then closed the block at once (0/20, 2 tokens each).
@@ -66,7 +66,7 @@ def build_prompt(problem: dict, tokenizer, chat: bool) -> str:
     if not chat:
         return problem["prompt"]
     messages = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
-    return chat_text(tokenizer, messages) + chat_prefix(problem)
+    return chat_text(tokenizer, messages) + chat_prefix()
 
 
 def truncate_completion(text: str) -> str:
@@ -157,7 +157,7 @@ def evaluate_humaneval(
             out = _generate(model, ids, max_new_tokens, method, eos)
             reply = tokenizer.decode(out.sequences[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
             if chat:
-                completion = extract_code(chat_prefix(problem) + reply, problem)
+                completion = extract_code(chat_prefix() + reply, problem)
             else:
                 completion = truncate_completion(reply)
             outcome = check_completion(problem, completion, timeout)
