@@ -11,7 +11,7 @@ from test_trie import by_score, draft_from_paths, random_drafts
 
 from msn.decoding import trie as trie_mod
 from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
-from msn.decoding.engine import _tree_mask
+from msn.decoding.trie import tree_mask as _tree_mask
 
 _MODELS: dict = {}
 

@@ -122,11 +122,16 @@ def test_load_or_measure_writes_then_reuses_the_cache(tmp_path, monkeypatch):
     assert len(calls) == 2 and json.loads(path.read_text())["sizes"] == list(GRID)
 
 
-def test_a_busy_cpu_measurement_is_not_cached(tmp_path, monkeypatch):
+def quick_measurements(tmp_path, monkeypatch, busy: bool) -> None:
+    """A private cache dir, a fixed answer to "is the CPU busy?", and a short (real) measurement."""
     monkeypatch.setenv("MSN_CACHE", str(tmp_path))
-    monkeypatch.setattr(costs, "_busy", lambda: True)
+    monkeypatch.setattr(costs, "_busy", lambda: busy)
     real = costs.measure_forward
     monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1))
+
+
+def test_a_busy_cpu_measurement_is_not_cached(tmp_path, monkeypatch):
+    quick_measurements(tmp_path, monkeypatch, busy=True)
     model = tiny_model("llama")
     latency = load_or_measure(model)
     assert latency.sizes == list(GRID) and "busy" in latency.source
@@ -134,10 +139,7 @@ def test_a_busy_cpu_measurement_is_not_cached(tmp_path, monkeypatch):
 
 
 def test_auto_tree_measures_once_and_refines_online(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
-    monkeypatch.setattr(costs, "_busy", lambda: False)
-    real = costs.measure_forward
-    monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1))
+    quick_measurements(tmp_path, monkeypatch, busy=False)
     model = tiny_model("gemma3")
     ids = torch.tensor([[40, 41, 42, 43, 40, 41, 42]])
     out = msn.generate(model, ids, max_new_tokens=12, eos_token_id=[])  # tree=None: the auto tree

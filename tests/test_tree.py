@@ -10,7 +10,6 @@ from test_trie import by_score, chain_of, draft_from_paths
 
 import msn
 from msn.decoding import trie as trie_mod
-from msn.decoding.engine import _tree_mask
 from msn.decoding.tree import (
     AUTO_MAX_NODES,
     MC_SIM_7B_63,
@@ -23,6 +22,7 @@ from msn.decoding.tree import (
     default_tree,
     resolve_tree,
 )
+from msn.decoding.trie import tree_mask as _tree_mask
 from msn.errors import MsnError
 
 # ---------------------------------------------------------------------------------------------------------

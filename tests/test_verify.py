@@ -12,8 +12,8 @@ from test_trie import by_score, chain_of, draft_from_paths, draft_sequences, nod
 
 from msn.decoding import trie as trie_mod
 from msn.decoding.cache import cache_keyword, new_cache
-from msn.decoding.engine import _tree_mask
 from msn.decoding.sources import Draft
+from msn.decoding.trie import tree_mask as _tree_mask
 from msn.decoding.verify import argmax_rows, greedy_accept
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,18 +21,12 @@ from pathlib import Path
 import torch
 
 from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
+from msn.decoding.trie import tree_mask
 
 GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
 PAST = 128  # cache length while measuring
 ALPHA = 0.1  # weight of one observed step in the online refinement
 logger = logging.getLogger("msn")
-
-
-def causal_tree_mask(k: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
-    mask = torch.zeros(1, 1, k, past + k, dtype=dtype, device=device)
-    causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
-    mask[0, 0, :, past:].masked_fill_(~causal, torch.finfo(dtype).min)
-    return mask
 
 
 @torch.inference_mode()
@@ -51,7 +45,8 @@ def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int 
             ids = torch.randint(0, vocab, (1, k), generator=gen).to(device)
             extra = {}
             if k > 1:
-                extra = {"attention_mask": causal_tree_mask(k, past, dtype, device),
+                causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()  # a chain: the worst case
+                extra = {"attention_mask": tree_mask(causal, past, dtype),
                          "position_ids": torch.arange(past, past + k, device=device)[None]}
             start = time.perf_counter()
             model(input_ids=ids, use_cache=True, **{kw: cache}, **extra)

@@ -108,15 +108,6 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     return out.sequences if req.via_hf else out
 
 
-def _tree_mask(ancestors: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive float mask [1, 1, n, past + n]: 0 where attention is allowed, dtype-min elsewhere.
-    (A bool mask is silently wrong on the eager backend; the float one is exact on sdpa and eager.)"""
-    n = ancestors.shape[0]
-    mask = torch.zeros(1, 1, n, past + n, dtype=dtype, device=ancestors.device)
-    mask[0, 0, :, past:].masked_fill_(~ancestors, torch.finfo(dtype).min)
-    return mask
-
-
 class _Decoder:
     """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
@@ -131,10 +122,10 @@ class _Decoder:
         self.length = self.prompt_len
         self.state = state
         self.auto = isinstance(req.tree, AutoTree)
-        names = req.tree.sources
-        self.sources = {name: self.state.sources[name] for name in names}
+        self.sources = {name: self.state.sources[name] for name in req.tree.sources}
+        self.shapes = {name: None if self.auto else req.tree.shape(name) for name in self.sources}
         for name, src in self.sources.items():
-            src.configure(None if self.auto else req.tree.shape(name))
+            src.configure(self.shapes[name])
         self.top_k = max((getattr(s, "top_k_needed", 0) for s in self.sources.values()), default=0)
         self.latency = None
         if self.auto and self.sources:
@@ -212,8 +203,7 @@ class _Decoder:
         drafts: dict[str, Draft] = {}
         history = self.committed[: self.length]
         for name, src in self.sources.items():
-            shape = None if self.auto else self.req.tree.shape(name)
-            drafts[name] = src.propose(history, Budget(max_depth=remaining - 1, shape=shape))
+            drafts[name] = src.propose(history, Budget(max_depth=remaining - 1, shape=self.shapes[name]))
         if "retrieval" in self.sources:
             self.chain_lengths.append(self.sources["retrieval"].last_chain)
         return trie_mod.merge(root, drafts, self.state.calibrator.estimate)
@@ -236,7 +226,7 @@ class _Decoder:
             out = self.model(
                 input_ids=tokens[None],
                 position_ids=(depth + past)[None],
-                attention_mask=_tree_mask(tree.ancestors(self.device), past, self.dtype),
+                attention_mask=trie_mod.tree_mask(tree.ancestors(self.device), past, self.dtype),
                 use_cache=True,
                 **{self.kw: self.cache},
             )

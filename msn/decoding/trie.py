@@ -127,6 +127,15 @@ class StepTree:
         return out
 
 
+def tree_mask(ancestors: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask [1, 1, n, past + n]: 0 where attention is allowed, dtype-min elsewhere.
+    (A bool mask is silently wrong on the eager backend; the float one is exact on sdpa and eager.)"""
+    n = ancestors.shape[0]
+    mask = torch.zeros(1, 1, n, past + n, dtype=dtype, device=ancestors.device)
+    mask[0, 0, :, past:].masked_fill_(~ancestors, torch.finfo(dtype).min)
+    return mask
+
+
 def compact(trie: Trie, kept: list[int], q: list[float]) -> StepTree:
     new_id = {old: i for i, old in enumerate(kept)}
     children: list[dict[int, int]] = [{} for _ in kept]

@@ -85,9 +85,10 @@ class RetrievalSource(DraftSource):
         score = PRIOR.get(n, 0.6)
         streak = streak_bucket(self.streak)
         for start in starts:
-            chain = self.index.ids[start : start + depth][: max(budget.max_depth, 0)]
+            found = self.index.ids[start : start + depth]
+            chain = found[: max(budget.max_depth, 0)]
             self.chains.append(chain)
-            self.last_chain = max(self.last_chain, len(self.index.ids[start : start + depth]))
+            self.last_chain = max(self.last_chain, len(found))
             parent = -1
             for d, tok in enumerate(chain, start=1):
                 parent = draft.add(parent, tok, score, (min(d, 8), n, streak), ("retrieval", d) if start == first else None)
