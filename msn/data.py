@@ -23,6 +23,7 @@ import torch
 from msn.errors import InputError, MsnError
 from msn.jsonl import iter_jsonl
 from msn.noise import NoiseConfig, apply_noise, seeded_generator
+from msn.prompting import chat_text
 
 IGNORE = -100
 BUILTIN_DATASETS = ("sharegpt", "stdlib-code")
@@ -254,47 +255,26 @@ def iter_records(spec: str | os.PathLike, split: str = "train") -> Iterator[Reco
 # ---------------------------------------------------------------------------------------------- templates
 
 
-def _fallback_render(messages: Sequence[dict[str, str]], eos: str, generation_prompt: bool) -> str:
-    """A plain "Role: text" format for tokenizers without a chat template (base models, test tokenizers)."""
-    out = []
-    for m in messages:
-        if m["role"] == "assistant":
-            out.append(f"Assistant: {m['content']}{eos}\n\n")
-        else:
-            out.append(f"{m['role'].capitalize()}: {m['content']}\n\n")
-    if generation_prompt:
-        out.append("Assistant: ")
-    return "".join(out)
-
-
-def render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
-    """The chat-template text of ``messages`` (or the plain fallback format)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt
-        )
-    return _fallback_render(messages, tokenizer.eos_token or "", generation_prompt)
-
-
 def render_pieces(tokenizer, messages: Sequence[dict[str, str]], where: str = "") -> list[tuple[str, bool]]:
     """Split the rendered conversation into ``(text, is_assistant)`` pieces, in order.
 
     An assistant piece is what rendering the turn adds after the generation prompt: its content and the
-    end-of-turn marker, so the model learns to stop.
+    end-of-turn marker, so the model learns to stop. Rendering is :func:`msn.prompting.chat_text`, the one
+    every prompt at inference goes through (the model's chat template, or the plain format without one).
     """
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True)
-        after = render(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = chat_text(tokenizer, messages[:i], generation_prompt=True)
+        after = chat_text(tokenizer, messages[: i + 1], generation_prompt=False)
         if not before.startswith(done) or not after.startswith(before):
             raise InputError("the tokenizer's chat template does not render this conversation turn by turn", where)
         pieces.append((before[len(done) :], False))
         pieces.append((after[len(before) :], True))
         done = after
-    full = render(tokenizer, messages, generation_prompt=False)
+    full = chat_text(tokenizer, messages, generation_prompt=False)
     if full.startswith(done) and len(full) > len(done):
         pieces.append((full[len(done) :], False))
     return [(t, a) for t, a in pieces if t]

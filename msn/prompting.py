@@ -1,4 +1,5 @@
-"""Prompts and stop tokens, one way for every caller (engine, bench, HumanEval, ``msn generate``, tune-tree).
+"""Prompts and stop tokens, one way for every caller (engine, bench, HumanEval, ``msn generate``, tune-tree,
+the training data renderer).
 
 Two callers that encode the same chat differently, or stop on different EOS ids, measure different things;
 so there is exactly one encoder and one EOS rule.
@@ -30,13 +31,26 @@ def eos_ids(model=None, tokenizer=None, override: int | Iterable[int] | torch.Te
     return sorted(ids)
 
 
-def chat_text(tokenizer, messages: Sequence[dict[str, str]]) -> str:
-    """The generation prompt for ``messages``: the model's own chat template, or plain "User:/Assistant:"."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+def plain_chat(messages: Sequence[dict[str, str]], eos: str = "", generation_prompt: bool = True) -> str:
+    """The chat format of models without a template: "User: text", "Assistant: text<eos>", ... one turn per
+    paragraph, then "Assistant:" when a reply is wanted. The reply starts with its own space, as the model
+    writes it after "Assistant:", so training (which learns the assistant turns) and prompting agree."""
     roles = {"user": PLAIN_USER, "assistant": PLAIN_ASSISTANT}
-    turns = "".join(f"{roles.get(m['role'], m['role'].capitalize() + ':')} {m['content']}\n\n" for m in messages)
-    return turns + PLAIN_ASSISTANT
+    out = []
+    for m in messages:
+        role = roles.get(m["role"], m["role"].capitalize() + ":")
+        end = eos if m["role"] == "assistant" else ""  # a finished reply ends as the model must learn to end it
+        out.append(f"{role} {m['content']}{end}\n\n")
+    return "".join(out) + (PLAIN_ASSISTANT if generation_prompt else "")
+
+
+def chat_text(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bool = True) -> str:
+    """The text of ``messages``: the model's own chat template, or :func:`plain_chat` without one.
+    ``generation_prompt``: end with what opens the assistant's reply (a prompt); without it, a finished
+    conversation (training data)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    return plain_chat(messages, getattr(tokenizer, "eos_token", None) or "", generation_prompt)
 
 
 def encode_text(tokenizer, text: str, special_tokens: bool = False) -> torch.Tensor:

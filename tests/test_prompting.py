@@ -46,3 +46,21 @@ def test_encode_prompt_raw_vs_chat():
     raw = encode_prompt(tok, "hello", raw=True)
     assert tok.decode(raw[0].tolist()) == "hello"
     assert int(encode_prompt(Plain(), "hello")[0, 0]) == 1, "no template: the text as is, with special tokens"
+
+
+def test_training_data_and_prompts_render_a_template_less_chat_alike():
+    """One plain format: the prompt the model gets is exactly the text training put before the reply it
+    learned, and the learned reply is what the model writes after that prompt (its leading space included)."""
+    from msn.data import render_pieces
+
+    tok = Plain()
+    tok.eos_token = "<eos>"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "ok"}]
+    pieces = render_pieces(tok, msgs)
+    assert [a for _, a in pieces] == [False, True, False, True]
+    assert pieces[1][0] == " yo<eos>\n\n" and pieces[3][0] == " ok<eos>\n\n"
+    assert pieces[0][0] == chat_text(tok, msgs[:2]) == "System: Be brief.\n\nUser: hi\n\n" + PLAIN_ASSISTANT
+    assert "".join(t for t, _ in pieces[:3]) == chat_text(tok, msgs[:4])
+    assert "".join(t for t, _ in pieces) == chat_text(tok, msgs, generation_prompt=False)
