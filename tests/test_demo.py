@@ -10,7 +10,7 @@ from conftest import tiny_model
 from fakes import ByteChatTokenizer
 
 import msn.bench.session as session
-from msn.bench.demo import PROMPTS, demo_questions
+from msn.bench.questions import DEMO_PROMPTS, demo_questions
 from msn.cli import main
 
 
@@ -23,7 +23,7 @@ def test_prompts_cover_the_spec_bench_kinds():
     rag = [q for q in qs if q.category == "rag"]
     assert all("Question:" in q.turns[0] and len(q.turns[0]) > 300 for q in rag)  # a passage, then a question
     assert len({q.question_id for q in qs}) == 12
-    assert all(json.loads(line) for line in PROMPTS.read_text().splitlines())
+    assert all(json.loads(line) for line in DEMO_PROMPTS.read_text().splitlines())
 
 
 def test_demo_prints_table_and_report(tmp_path, monkeypatch, capsys):

@@ -80,7 +80,9 @@ def test_chat_flag_without_a_template_is_one_line_error(calls, capsys):
 
 def test_defaults_match_msn_bench(calls, capsys):
     from msn.bench.cli import add_arguments as bench_arguments
-    from msn.bench.session import pick_device, resolve_bench_tree
+    from msn.bench.session import pick_device
+    from msn.decoding.tree import resolve_tree
+    from msn.models import parse_dtype
 
     assert run() == 0
     bench = __import__("argparse").ArgumentParser()
@@ -90,7 +92,7 @@ def test_defaults_match_msn_bench(calls, capsys):
     assert load["dtype"] == defaults.dtype == "bf16"
     assert load["device"] == pick_device(defaults.device)
     tree = calls["generate"][-1]["tree"]
-    assert tree == resolve_bench_tree(defaults.tree, load["device"], defaults.dtype)
+    assert tree == resolve_tree(defaults.tree, torch.device(load["device"]), parse_dtype(defaults.dtype))
     assert f"tree {tree.name} " in capsys.readouterr().err
 
 

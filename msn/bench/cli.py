@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, parse_methods
+from msn.bench.flags import check_run_flags
+from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS
 from msn.bench.session import BenchConfig, command_line, run_bench
-from msn.bench.summary import category_table, overall_table
+from msn.bench.summary import print_report
 from msn.decoding.tree import TREE_HELP
-from msn.errors import InputError
 
 DEFAULT_QUESTIONS = os.environ.get("MSN_SPEC_BENCH", "data/spec_bench/question.jsonl")
 
@@ -47,30 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> tuple[list[qs.Question], list[str]]:
     """Every user error, before any model is loaded."""
-    methods = parse_methods(args.methods)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
-    if args.warmup < 0:
-        raise InputError(f"--warmup must be >= 0, got {args.warmup}")
+    methods = check_run_flags(args)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit must be >= 1, got {args.limit}")
-    if args.per_category is not None and args.per_category < 1:
-        raise InputError(f"--per-category must be >= 1, got {args.per_category}")
     questions = qs.select(qs.load_questions(args.questions), categories, args.limit, args.per_category)
     return questions, methods
-
-
-def print_report(summary: dict, out: Path, file=None) -> None:
-    file = file or sys.stdout
-    print(f"\n{summary.get('model')} ({summary.get('dtype')}, {summary.get('device')}), "
-          f"{summary['questions']} questions, status: {summary.get('status')}\n", file=file)
-    print(overall_table(summary), file=file)
-    print("\nper category: speedup vs ar (tokens/s, MAT)\n", file=file)
-    print(category_table(summary), file=file)
-    print(f"\nreport: {out / 'summary.md'}  (summary.json, speedup.png, answers/*.jsonl)", file=file)
 
 
 def run(args: argparse.Namespace) -> int:

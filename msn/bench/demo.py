@@ -12,18 +12,12 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.cli import print_report
-from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, parse_methods
+from msn.bench.flags import check_run_flags
+from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS
 from msn.bench.session import BenchConfig, command_line, run_bench
+from msn.bench.summary import print_report
 from msn.decoding.tree import TREE_HELP
-from msn.errors import InputError
 from msn.models import DEFAULT_MODEL
-
-PROMPTS = Path(__file__).with_name("prompts.jsonl")
-
-
-def demo_questions(limit: int | None = None) -> list[qs.Question]:
-    return qs.select(qs.load_questions(PROMPTS), limit=limit)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,19 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = parse_methods(args.methods)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    methods = check_run_flags(args)
     from msn.bench.session import pick_device
     from msn.outputs import check_output_dir
 
     pick_device(args.device)
     check_output_dir(args.out, "--out")  # before the banner: a bad input is the only line printed
-    questions = demo_questions(args.limit)
+    questions = qs.demo_questions(args.limit)
     print(f"msn demo: {len(questions)} prompts x {len(methods)} methods ({', '.join(methods)}) on {args.model}, "
           f"{args.dtype}, up to {args.max_new_tokens} new tokens each", file=sys.stderr)
     cfg = BenchConfig(

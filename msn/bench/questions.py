@@ -15,6 +15,7 @@ from pathlib import Path
 from msn.errors import InputError
 from msn.jsonl import iter_jsonl
 
+DEMO_PROMPTS = Path(__file__).with_name("prompts.jsonl")  # msn demo's twelve prompts, in this format
 SPEC_BENCH_URL = "https://github.com/hemingkx/Spec-Bench/blob/main/data/spec_bench/question.jsonl"
 
 
@@ -100,3 +101,8 @@ def select(
         questions = kept
     out = list(questions)
     return out[:limit] if limit is not None else out
+
+
+def demo_questions(limit: int | None = None) -> list[Question]:
+    """The built-in prompts of ``msn demo`` (and ``msn tune-tree``): Spec-Bench's kinds plus code."""
+    return select(load_questions(DEMO_PROMPTS), limit=limit)

@@ -81,10 +81,6 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def resolve_bench_tree(tree: str | None, device: str, dtype: str) -> TreeTemplate:
-    return resolve_tree(tree, torch.device(device), parse_dtype(dtype))
-
-
 def _load(cfg: BenchConfig, device: str):
     from msn.models import load_model
 
@@ -195,7 +191,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tree = resolve_bench_tree(cfg.tree, device, cfg.dtype)
+    tree = resolve_tree(cfg.tree, torch.device(device), parse_dtype(cfg.dtype))
     out = Path(cfg.out)
     settings = bench_settings(cfg, device, tree)
     mode = plan_out(out, settings, cfg.overwrite)

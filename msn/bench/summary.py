@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -223,3 +224,14 @@ def write_summary(out_dir: str | os.PathLike, summary: Mapping) -> None:
     out = Path(out_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(to_markdown(summary))
+
+
+def print_report(summary: dict, out: Path, file=None) -> None:
+    """What ``msn bench`` and ``msn demo`` print at the end: the tables, then where the report is."""
+    file = file or sys.stdout
+    print(f"\n{summary.get('model')} ({summary.get('dtype')}, {summary.get('device')}), "
+          f"{summary['questions']} questions, status: {summary.get('status')}\n", file=file)
+    print(overall_table(summary), file=file)
+    print("\nper category: speedup vs ar (tokens/s, MAT)\n", file=file)
+    print(category_table(summary), file=file)
+    print(f"\nreport: {out / 'summary.md'}  (summary.json, speedup.png, answers/*.jsonl)", file=file)

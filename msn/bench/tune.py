@@ -212,7 +212,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msn.bench.demo import demo_questions
+    from msn.bench.flags import at_least
+    from msn.bench.questions import demo_questions
     from msn.bench.session import pick_device
     from msn.models import load_model, parse_dtype
 
@@ -222,11 +223,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
     if not sizes or min(sizes) < 1:
         raise InputError("--sizes must list token counts >= 1")
-    for flag in ("prompts", "max_new_tokens", "past", "repeats"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    at_least(args, {"prompts": 1, "max_new_tokens": 1, "past": 1, "repeats": 1, "threads": 1})
     out = Path(args.out or f"tree-{Path(args.model).name}-{args.dtype}.json")
     from msn.outputs import check_output_file
 

@@ -78,18 +78,17 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from msn.bench.session import pick_device, resolve_bench_tree
+    from msn.bench.flags import at_least
+    from msn.bench.session import pick_device
     from msn.decoding.engine import generate
-    from msn.models import load_model
+    from msn.decoding.tree import resolve_tree
+    from msn.models import load_model, parse_dtype
     from msn.prompting import encode_prompt, eos_ids
 
     text = _read_prompt(args)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    at_least(args, {"max_new_tokens": 1, "threads": 1})
     device = pick_device(args.device)
-    tree = resolve_bench_tree(args.tree, device, args.dtype)  # bench's default; a bad --tree fails before loading
+    tree = resolve_tree(args.tree, torch.device(device), parse_dtype(args.dtype))  # as bench; fails before loading
     sampling = sampling_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
