@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("msn.decoding.cli", "generate text with TR-Jacobi (or ar / jacobi / retrieval) decoding"),
     "bench": ("msn.bench.cli", "Spec-Bench compatible speed benchmark, methods side by side"),
     "demo": ("msn.bench.demo", "offline demo: a small benchmark on built-in prompts with the default model"),
+    "distill": ("msn.distill", "answer prompts with the model itself: a self-distilled training set"),
     "tune-tree": ("msn.bench.tune", "measure this device and model, write the fastest draft tree"),
 }
 
