@@ -14,6 +14,7 @@ from msn.data import (
     iter_json_array,
     iter_records,
     normalize_record,
+    pad_batch,
     read_jsonl,
     sharegpt_path,
     split_dataset,
@@ -104,6 +105,20 @@ def test_collator_accepts_trl_masks_and_explicit_clean_samples():
     clean = {"input_ids": list(range(20)), "noise_allowed": [0] * 20}
     out = MSNCollator(noise=NoiseConfig(length=4), pad_token_id=0)([clean])
     assert out["input_ids"][0].tolist() == list(range(20))
+
+
+def test_pad_batch_is_the_collators_padding_without_noise():
+    feats = [{"input_ids": [4, 5, 6, 7], "labels": [IGNORE, IGNORE, 6, 7]}, {"input_ids": [8, 9]},
+             {"input_ids": [1, 2, 3], "assistant_masks": [0, 1, 1], "noise_allowed": [0, 0, 1]}]
+    batch = pad_batch(feats, pad_token_id=3, pad_to_multiple_of=8)
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 3, 3, 3, 3], [8, 9] + [3] * 6, [1, 2, 3] + [3] * 5]
+    assert batch["attention_mask"].sum(1).tolist() == [4, 2, 3]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 6, 7] + [IGNORE] * 4, [8, 9] + [IGNORE] * 6,
+                                        [IGNORE, 2, 3] + [IGNORE] * 5]
+    padded = MSNCollator(pad_token_id=3, pad_to_multiple_of=8).pad(feats)
+    assert all(torch.equal(padded[k], batch[k]) for k in batch)
+    assert padded["noise_allowed"].tolist() == [[False, False, True, True] + [False] * 4,
+                                                [True, True] + [False] * 6, [False, False, True] + [False] * 5]
 
 
 def test_jsonl_bad_inputs_name_file_line_and_field(tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from msn.data import IGNORE, MSNCollator, iter_batches
+from msn.data import IGNORE, iter_batches, pad_batch
 from msn.noise import NoiseConfig, ahead_noise, sample_segments, seeded_generator
 
 
@@ -26,7 +26,6 @@ def denoise_accuracy(
 ) -> dict[str, float]:
     """``acc_k`` for each offset ``k``, their mean ``acc``, and ``n_k`` (positions scored at offset ``k``)."""
     NoiseConfig(length=noise_length)  # validates
-    pad = MSNCollator(noise=NoiseConfig(type="none"), pad_token_id=0)
     device = next(model.parameters()).device
     gen = seeded_generator(seed)
     hits = torch.zeros(noise_length, dtype=torch.long)
@@ -35,7 +34,7 @@ def denoise_accuracy(
     model.eval()
     try:
         for feats in iter_batches(samples, batch_size):
-            batch = pad.pad(feats)
+            batch = pad_batch(feats)
             ids, labels, attn = batch["input_ids"], batch["labels"], batch["attention_mask"]
             mask = sample_segments(labels != IGNORE, noise_length, 1, 1.0, gen)
             noisy = ahead_noise(ids, mask, gen, attn)

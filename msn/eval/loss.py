@@ -6,21 +6,19 @@ from collections.abc import Sequence
 
 import torch
 
-from msn.data import IGNORE, MSNCollator, iter_batches
-from msn.noise import NoiseConfig
+from msn.data import IGNORE, iter_batches, pad_batch
 
 
 @torch.no_grad()
 def heldout_loss(model, samples: Sequence[dict[str, torch.Tensor]], batch_size: int = 4) -> dict[str, float]:
     """Token-weighted cross entropy and next-token accuracy over the label positions of ``samples``."""
-    pad = MSNCollator(noise=NoiseConfig(type="none"), pad_token_id=0)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, correct, count = 0.0, 0, 0
     try:
         for feats in iter_batches(samples, batch_size):
-            batch = pad.pad(feats)
+            batch = pad_batch(feats)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits.float()
             logits, target = logits[:, :-1], labels[:, 1:]

@@ -1,0 +1,117 @@
+"""Batches: plain right-padding (:func:`pad_batch`, what evaluation needs) and the MSN collator, which pads
+and then noises the target positions of a training batch."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from msn.data.chat import IGNORE
+from msn.noise import NoiseConfig, apply_noise, seeded_generator
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def pad_batch(
+    features: Sequence[dict[str, Any]], pad_token_id: int = 0, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad samples into clean ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding).
+
+    A sample needs ``input_ids``; its targets are its ``labels`` if it has them, else TRL's
+    ``assistant_masks`` or ``completion_mask``, else every token."""
+    ids = [_as_tensor(f["input_ids"]).long().view(-1) for f in features]
+    t = max(len(x) for x in ids)
+    if pad_to_multiple_of:
+        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+    b = len(ids)
+    input_ids = torch.full((b, t), int(pad_token_id), dtype=torch.long)
+    attention = torch.zeros((b, t), dtype=torch.long)
+    labels = torch.full((b, t), IGNORE, dtype=torch.long)
+    for i, (f, x) in enumerate(zip(features, ids, strict=True)):
+        n = len(x)
+        input_ids[i, :n] = x
+        attention[i, :n] = 1
+        target = None
+        for key in ("assistant_masks", "completion_mask"):
+            if f.get(key) is not None:
+                target = _as_tensor(f[key]).view(-1)[:n].bool()
+                break
+        if f.get("labels") is not None:
+            labels[i, :n] = _as_tensor(f["labels"]).long().view(-1)
+        elif target is not None:
+            labels[i, :n] = torch.where(target, x, torch.full_like(x, IGNORE))
+        else:
+            labels[i, :n] = x
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class MSNCollator:
+    """Pad a list of samples and noise their inputs: the ``data_collator`` of HF ``Trainer`` or TRL ``SFTTrainer``.
+
+    A sample needs ``input_ids``; it may carry ``labels`` (-100 = not a target), TRL's ``assistant_masks`` or
+    ``completion_mask``, or an explicit ``noise_allowed`` mask (all zeros = keep this sample clean). Noise
+    may touch only target positions. Labels come out exactly as they went in (plus -100 on padding).
+
+    The noise of a batch is seeded from ``seed`` and the batch's own token ids, not from a running
+    generator: dataloader workers, DDP ranks and a resumed run therefore all reproduce the same noise.
+    With HF ``Trainer``, set ``remove_unused_columns=False`` if samples carry extra mask keys.
+    """
+
+    def __init__(
+        self,
+        tokenizer=None,
+        noise: NoiseConfig | None = None,
+        seed: int = 0,
+        pad_token_id: int | None = None,
+        vocab_size: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
+        self.noise = noise or NoiseConfig()
+        self.seed = int(seed)
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = int(pad_token_id or 0)
+        if vocab_size is None and tokenizer is not None:
+            vocab_size = len(tokenizer)
+        self.vocab_size = vocab_size
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def pad(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """:func:`pad_batch`, plus the ``noise_allowed`` mask: the sample's own, else its target positions."""
+        batch = pad_batch(features, self.pad_token_id, self.pad_to_multiple_of)
+        allowed = batch["labels"] != IGNORE
+        for i, f in enumerate(features):
+            if f.get("noise_allowed") is not None:
+                n = int(batch["attention_mask"][i].sum())
+                allowed[i, :n] = _as_tensor(f["noise_allowed"]).view(-1)[:n].bool()
+        return {**batch, "noise_allowed": allowed}
+
+    def batch_seed(self, input_ids: torch.Tensor) -> int:
+        h = hashlib.blake2b(input_ids.numpy().tobytes(), digest_size=8, key=self.seed.to_bytes(8, "little", signed=True))
+        return int.from_bytes(h.digest(), "little")
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        allowed = batch.pop("noise_allowed")
+        if self.noise.enabled and bool(allowed.any()):
+            g = seeded_generator(self.batch_seed(batch["input_ids"]))
+            batch["input_ids"], _ = apply_noise(
+                batch["input_ids"], allowed, self.noise, g, self.vocab_size, batch["attention_mask"]
+            )
+        return batch
+
+
+def iter_batches(samples: Iterable[dict[str, torch.Tensor]], batch_size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
