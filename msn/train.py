@@ -309,9 +309,83 @@ def full_train_loss(history: list[dict[str, Any]], final_step: int, start: int, 
     return total / covered if covered else segment_loss
 
 
+def training_arguments(cfg: TrainConfig, output: Path, evaluate: bool):
+    """HF ``TrainingArguments`` for ``cfg``: the flags one to one, plus what msn's data and collator need."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        bf16=cfg.bf16,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,  # the collator reads the noise masks
+        dataloader_num_workers=0,
+        # Without an accelerator, accelerate treats torchrun processes as distributed (gloo) only with use_cpu.
+        use_cpu=not _has_accelerator(),
+        **cfg.extra,
+    )
+
+
+def run_record(cfg: TrainConfig, model_path: str, output: Path, resume_from: Path | None) -> dict[str, Any]:
+    """What ``msn-run.json`` holds: the settings the run started with; a resumed run keeps that record and
+    adds a note of each resumed segment."""
+    record: dict[str, Any] = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+                              "model_path": model_path}
+    if cfg.resume:
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            old = json.loads((output / RUN_FILE).read_text())
+            segments = list(old.get("resumed", []))
+            record = {**old, "resumed": [*segments, {
+                "from": resume_from.name if resume_from else None,
+                "max_steps": cfg.max_steps, "epochs": cfg.epochs}]}
+    return record
+
+
+def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: NoiseConfig, trainer,
+                   world_size: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``msn.json`` holds about the final model: its data, noise, steps, settings, metrics, versions."""
+    return {
+        "model": cfg.model,
+        "model_path": model_path,
+        "lora": cfg.lora,
+        "data": {
+            "spec": cfg.data,
+            "train_samples": len(train_set),
+            "heldout_samples": len(held) if held is not None else 0,
+            "max_length": cfg.max_length,
+            "dropped": train_set.dropped,
+        },
+        "noise": noise.to_dict(),
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "world_size": world_size,
+        "lr": cfg.lr,
+        "bf16": cfg.bf16,
+        "metrics": metrics,
+        "versions": _versions(),
+    }
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) one training run; return the metadata written to ``msn.json``."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     validate(cfg)
     noise = cfg.noise_config()  # validates noise flags before anything heavy
@@ -338,45 +412,14 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     # All input is valid: from here on we write.
     resume_from = last_checkpoint(output) if cfg.resume else None
-    args = TrainingArguments(
-        output_dir=str(output),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.epochs,
-        bf16=cfg.bf16,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=cfg.eval_steps if evaluate else None,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        remove_unused_columns=False,  # the collator reads the noise masks
-        dataloader_num_workers=0,
-        # Without an accelerator, accelerate treats torchrun processes as distributed (gloo) only with use_cpu.
-        use_cpu=not _has_accelerator(),
-        **cfg.extra,
-    )
+    args = training_arguments(cfg, output, evaluate)
     with args.main_process_first(desc="prepare output folder"):
         if args.process_index == 0:
             output.mkdir(parents=True, exist_ok=True)
             if cfg.overwrite:
                 clear_run(output)
             shutil.rmtree(output / TMP_FINAL, ignore_errors=True)
-            run_meta = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "model_path": model_path}
-            if cfg.resume:  # keep the record of how the run started; note each resumed segment
-                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-                    old = json.loads((output / RUN_FILE).read_text())
-                    segments = list(old.get("resumed", []))
-                    run_meta = {**old, "resumed": [*segments, {
-                        "from": resume_from.name if resume_from else None,
-                        "max_steps": cfg.max_steps, "epochs": cfg.epochs}]}
+            run_meta = run_record(cfg, model_path, output, resume_from)
             from msn.outputs import atomic_write_text
 
             atomic_write_text(output / RUN_FILE, json.dumps(run_meta, indent=2, default=str) + "\n")
@@ -410,29 +453,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(e, output) from None
-    meta = {
-        "model": cfg.model,
-        "model_path": model_path,
-        "lora": cfg.lora,
-        "data": {
-            "spec": cfg.data,
-            "train_samples": len(train_set),
-            "heldout_samples": len(held) if held is not None else 0,
-            "max_length": cfg.max_length,
-            "dropped": train_set.dropped,
-        },
-        "noise": noise.to_dict(),
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "seed": cfg.seed,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "world_size": args.world_size,
-        "lr": cfg.lr,
-        "bf16": cfg.bf16,
-        "metrics": metrics,
-        "versions": _versions(),
-    }
+    meta = final_metadata(cfg, model_path, train_set, held, noise, trainer, args.world_size, metrics)
     if trainer.is_world_process_zero():
         try:
             publish_final(tmp, output, meta)
@@ -504,7 +525,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from msn.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+if __name__ == "__main__":  # pragma: no cover  (``python -m msn.train ...`` = ``msn train ...``)
+    parser = argparse.ArgumentParser(prog="python -m msn.train", description="fine-tune a model with MSN noise")
+    add_arguments(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except MsnError as e:
+        sys.exit(f"msn train: error: {e}")
