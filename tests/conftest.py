@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight models of several families, the real small model, shared data paths."""
+"""Shared fixtures: tiny random-weight models of several families, the real small model and its tokenizer, a
+tiny model folder with that tokenizer, a training data file, shared data paths. Plain helpers: helpers.py."""
 
 from __future__ import annotations
 
@@ -94,5 +95,31 @@ def smollm2_bf16():
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2):
-    return smollm2[1]
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer and chat template, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    from msn.errors import MsnError
+    from msn.models import preset_path
+
+    try:
+        return AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
+    except MsnError as e:  # pragma: no cover - machine without the asset package
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template, saved as a normal HF folder
+    (what ``--model`` of train / eval / bench accepts). Read-only for the tests: they write elsewhere."""
+    from helpers import save_tiny_chat_model
+
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model", smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """40 prompt/response records whose responses count up: train data a tiny model learns in a few steps."""
+    from helpers import counting_rows, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", counting_rows(40, 10))

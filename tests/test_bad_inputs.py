@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_train as _shared
 import torch
+from helpers import counting_rows, write_jsonl
 
 import msn.outputs
 from msn.cli import main
-
-tiny_dir = _shared.tiny_dir  # a 2-layer model folder with a real tokenizer (module fixture)
 
 QUESTION = json.dumps({"question_id": 1, "category": "qa", "turns": ["Hi?"]}) + "\n"
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -43,8 +41,7 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    data = [{"prompt": f"Count from {i}.", "response": " ".join(str(i + j) for j in range(8))} for i in range(8)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    write_jsonl(tmp_path / "train.jsonl", counting_rows(8, 8))
     return tmp_path
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, TINY_VOCAB, tiny_model
+from helpers import by_score, draft_from_paths, random_drafts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_trie import by_score, draft_from_paths, random_drafts
 
 from msn.decoding import trie as trie_mod
 from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from msn.data import (
     IGNORE,
@@ -23,24 +24,6 @@ from msn.data import (
 from msn.errors import InputError, MsnError
 from msn.noise import NoiseConfig
 
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from msn.models import preset_path
-
-    try:
-        return AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
-    except MsnError as e:  # pragma: no cover - machine without the asset package
-        pytest.skip(str(e))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 MULTI = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is 2+2?"},
@@ -57,32 +40,32 @@ def test_three_shapes_normalize_to_the_same_messages():
     assert a == b == c == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
 
 
-def test_multi_turn_labels_and_noise_allowed_are_exactly_the_assistant_turns(tok):
-    s = tokenize_messages(tok, MULTI)
+def test_multi_turn_labels_and_noise_allowed_are_exactly_the_assistant_turns(smollm2_tokenizer):
+    s = tokenize_messages(smollm2_tokenizer, MULTI)
     ids, labels = s["input_ids"], s["labels"]
     # Same ids as the tokenizer's own chat-template tokenization.
-    ref = tok.apply_chat_template(MULTI, tokenize=True)
+    ref = smollm2_tokenizer.apply_chat_template(MULTI, tokenize=True)
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
     assert ids.tolist() == list(ref)
     target = labels != IGNORE
     assert torch.equal(labels[target], ids[target])
-    text = tok.decode(ids[target])
+    text = smollm2_tokenizer.decode(ids[target])
     assert text == "It is 4.<|im_end|>\nThat makes 6.<|im_end|>\n"
     assert "2+2" not in text and "Be brief" not in text
     # Two separate assistant regions; the collator's noise-allowed mask is the label mask.
-    batch = MSNCollator(tok, NoiseConfig("none")).pad([s])
+    batch = MSNCollator(smollm2_tokenizer, NoiseConfig("none")).pad([s])
     assert torch.equal(batch["noise_allowed"][0], target)
     assert (target[1:] != target[:-1]).sum() == 3  # enters, leaves, enters again
 
 
-def test_collator_noise_touches_only_response_and_keeps_labels_and_prompt_identical(tok):
-    samples = [tokenize_messages(tok, MULTI)] + [
-        tokenize_messages(tok, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "word " * (i * 3 + 1)}])
+def test_collator_noise_touches_only_response_and_keeps_labels_and_prompt_identical(smollm2_tokenizer):
+    samples = [tokenize_messages(smollm2_tokenizer, MULTI)] + [
+        tokenize_messages(smollm2_tokenizer, [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "word " * (i * 3 + 1)}])
         for i in range(6)
     ]
-    clean = MSNCollator(tok, NoiseConfig("none"))(samples)
+    clean = MSNCollator(smollm2_tokenizer, NoiseConfig("none"))(samples)
     for kind in ("ahead", "uniform"):
-        noisy = MSNCollator(tok, NoiseConfig(kind, 4, 2), seed=1)(samples)
+        noisy = MSNCollator(smollm2_tokenizer, NoiseConfig(kind, 4, 2), seed=1)(samples)
         assert noisy["labels"].numpy().tobytes() == clean["labels"].numpy().tobytes()
         assert torch.equal(noisy["attention_mask"], clean["attention_mask"])
         changed = noisy["input_ids"] != clean["input_ids"]
@@ -91,9 +74,9 @@ def test_collator_noise_touches_only_response_and_keeps_labels_and_prompt_identi
         prompt = clean["labels"] == IGNORE
         assert noisy["input_ids"][prompt].numpy().tobytes() == clean["input_ids"][prompt].numpy().tobytes()
     # Same seed and batch -> same noise; the collator holds no state that drifts between calls.
-    c = MSNCollator(tok, NoiseConfig(), seed=7)
+    c = MSNCollator(smollm2_tokenizer, NoiseConfig(), seed=7)
     assert torch.equal(c(samples)["input_ids"], c(samples)["input_ids"])
-    assert not torch.equal(c(samples)["input_ids"], MSNCollator(tok, NoiseConfig(), seed=8)(samples)["input_ids"])
+    assert not torch.equal(c(samples)["input_ids"], MSNCollator(smollm2_tokenizer, NoiseConfig(), seed=8)(samples)["input_ids"])
 
 
 def test_collator_accepts_trl_masks_and_explicit_clean_samples():
@@ -142,16 +125,16 @@ def test_jsonl_bad_inputs_name_file_line_and_field(tmp_path):
         assert e.value.field == fld
 
 
-def test_empty_dataset_after_filtering(tok, tmp_path):
+def test_empty_dataset_after_filtering(smollm2_tokenizer, tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x " * 200, "response": "y"}] * 3)
     with pytest.raises(InputError, match="no usable samples"):
-        build_dataset(p, tok, "all", max_length=32)
+        build_dataset(p, smollm2_tokenizer, "all", max_length=32)
     empty = write_jsonl(tmp_path / "e.jsonl", [])
     with pytest.raises(InputError, match="no usable samples"):
-        split_dataset(empty, tok, 512, None, None)
+        split_dataset(empty, smollm2_tokenizer, 512, None, None)
 
 
-def test_jsonl_split_is_deterministic_disjoint_and_never_empty(tok, tmp_path):
+def test_jsonl_split_is_deterministic_disjoint_and_never_empty(smollm2_tokenizer, tmp_path):
     rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(60)]
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     train = [r.key for r in iter_records(p, "train")]
@@ -159,7 +142,7 @@ def test_jsonl_split_is_deterministic_disjoint_and_never_empty(tok, tmp_path):
     assert held and not set(train) & set(held) and len(train) + len(held) == 60
     assert held == [r.key for r in iter_records(p, "heldout")]
     tiny = write_jsonl(tmp_path / "t.jsonl", rows[:3])
-    tr, he = split_dataset(tiny, tok, 512, None, None)
+    tr, he = split_dataset(tiny, smollm2_tokenizer, 512, None, None)
     assert len(tr) >= 1 and he is not None and len(he) >= 1
 
 
@@ -176,19 +159,19 @@ def test_truncated_json_array_recovers_every_complete_record(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharegpt_builtin_recovers_all_records_and_streams(tok):
+def test_sharegpt_builtin_recovers_all_records_and_streams(smollm2_tokenizer):
     try:
         path = sharegpt_path()
     except MsnError as e:  # pragma: no cover
         pytest.skip(str(e))
     assert sum(1 for _ in iter_json_array(path)) == 17671
-    ds = build_dataset("sharegpt", tok, "train", max_length=256, limit=20)
+    ds = build_dataset("sharegpt", smollm2_tokenizer, "train", max_length=256, limit=20)
     assert len(ds) == 20 and all(len(s["input_ids"]) <= 256 for s in ds.samples)
-    held = build_dataset("sharegpt", tok, "heldout", max_length=256, limit=5)
+    held = build_dataset("sharegpt", smollm2_tokenizer, "heldout", max_length=256, limit=5)
     assert not set(held.sources) & set(ds.sources)
 
 
-def test_stdlib_code_builtin_is_signature_docstring_to_body_with_stable_split(tok):
+def test_stdlib_code_builtin_is_signature_docstring_to_body_with_stable_split(smollm2_tokenizer):
     train = []
     for r in iter_records("stdlib-code", "train"):
         train.append(r)
@@ -206,5 +189,5 @@ def test_stdlib_code_builtin_is_signature_docstring_to_body_with_stable_split(to
     compile(user.split("\n\n", 1)[1] + assistant, "<stdlib>", "exec")  # the pieces form the original function
     again = [r.key for _, r in zip(range(5), iter_records("stdlib-code", "heldout"), strict=False)]
     assert again == [r.key for r in held]
-    ds = build_dataset("stdlib-code", tok, "heldout", max_length=128, limit=4)
+    ds = build_dataset("stdlib-code", smollm2_tokenizer, "heldout", max_length=128, limit=4)
     assert len(ds) == 4

@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 from conftest import FAMILIES, TINY_VOCAB, tiny_model
+from helpers import tree_templates
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tree import tree_templates
 from transformers.generation.streamers import BaseStreamer
 
 import msn

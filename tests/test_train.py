@@ -6,59 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
+from helpers import Crash, fast
 
 from msn.cli import main
 from msn.data import IGNORE, MSNCollator
 from msn.errors import InputError
 from msn.eval.loss import heldout_loss
 from msn.noise import NoiseConfig
-from msn.train import TrainConfig, check_output_dir, last_checkpoint, train
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template, saved as a normal HF folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from msn.errors import MsnError
-    from msn.models import preset_path
-
-    try:
-        tok = AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
-    except MsnError as e:  # pragma: no cover
-        pytest.skip(str(e))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"prompt": f"Count from {i}.", "response": " ".join(str(i + j) for j in range(10))} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def fast(tiny_dir, data_file, out, **kw) -> TrainConfig:
-    base = dict(
-        model=str(tiny_dir), data=str(data_file), output=str(out), max_steps=2, batch_size=2, lr=1e-3,
-        eval_steps=0, save_steps=100, logging_steps=1, max_length=64, seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+from msn.train import check_output_dir, last_checkpoint, train
 
 
 def synthetic_samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -132,10 +91,6 @@ def test_trl_sft_trainer_uses_msn_collator(tmp_path, tiny_dir):
     assert torch.equal(noisy["labels"], clean["labels"])
     changed = noisy["input_ids"] != clean["input_ids"]
     assert changed.any() and not (changed & prompt).any()
-
-
-class Crash(Exception):
-    pass
 
 
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_dir, data_file):

@@ -6,13 +6,10 @@ import errno
 import json
 
 import pytest
-import test_train as _shared
-from test_train import Crash, fast
+from helpers import Crash, fast
 
 from msn.errors import InputError, MsnError
 from msn.train import RUN_FILE, last_checkpoint, train
-
-tiny_dir, data_file = _shared.tiny_dir, _shared.data_file  # the same fixtures
 
 
 def crash_at(step):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import by_score, chain_of, draft_from_paths, tree_templates
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_trie import by_score, chain_of, draft_from_paths
 
 import msn
 from msn.decoding import trie as trie_mod
@@ -24,27 +24,6 @@ from msn.decoding.tree import (
 )
 from msn.decoding.trie import tree_mask as _tree_mask
 from msn.errors import MsnError
-
-# ---------------------------------------------------------------------------------------------------------
-# Random valid templates (shared with the other decoding tests)
-
-
-@st.composite
-def tree_templates(draw, max_nodes: int = 12, max_depth: int = 4, max_rank: int = 4, max_retrieval: int = 5,
-                   max_recycling: int = 6):
-    """A random valid template: rank paths closed under prefixes, a retrieval chain of random depth and a
-    random number of recycling nodes."""
-    paths: list[tuple[int, ...]] = []
-    for _ in range(draw(st.integers(0, max_nodes))):
-        parents = [()] + [p for p in paths if len(p) < max_depth]
-        parent = draw(st.sampled_from(parents))
-        child = parent + (draw(st.integers(0, max_rank)),)
-        if child not in paths:
-            paths.append(child)
-    retrieval = draw(st.integers(0, max_retrieval))
-    recycling = draw(st.integers(0, max_recycling))
-    return TreeTemplate(tuple(draw(st.permutations(paths))), retrieval, recycling=recycling)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation

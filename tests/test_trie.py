@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import by_score, chain_of, draft_from_paths, draft_sequences, node_sequences, random_drafts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,68 +16,7 @@ from msn.decoding import trie as trie_mod
 from msn.decoding.sources import Draft
 
 # ---------------------------------------------------------------------------------------------------------
-# Helpers (shared with test_verify.py and test_cache.py)
-
-
-def draft_from_paths(paths, scores=None, bucket=0) -> Draft:
-    """A Draft holding every prefix of every token path (parents first). ``scores`` maps a full token path
-    to its edge score (default 0.5); each node's tag is its token path."""
-    draft, index = Draft(), {}
-    for path in paths:
-        for d in range(1, len(path) + 1):
-            prefix = tuple(path[:d])
-            if prefix not in index:
-                parent = index[prefix[:-1]] if d > 1 else -1
-                score = (scores or {}).get(prefix, 0.5)
-                index[prefix] = draft.add(parent, prefix[-1], score, bucket, prefix)
-    return draft
-
-
-def by_score(name, bucket, score):
-    """The merge's estimate function when the raw score is trusted."""
-    return score
-
-
-@st.composite
-def random_drafts(draw, sources=("a", "b", "c"), max_nodes: int = 6, vocab: int = 3,
-                  scores=st.sampled_from([0.0, 0.25, 0.5, 1.0]) | st.floats(0.0, 1.0)):
-    """Per source a random draft fragment: each node hangs from the root or an earlier node of the same
-    draft, with a token from a tiny vocabulary so identical siblings (within and across sources) are common."""
-    out = {}
-    for name in sources:
-        draft = Draft()
-        for i in range(draw(st.integers(0, max_nodes))):
-            parent = draw(st.integers(-1, i - 1))
-            draft.add(parent, draw(st.integers(0, vocab - 1)), draw(scores), draw(st.integers(0, 2)), i)
-        out[name] = draft
-    return out
-
-
-def node_sequences(parents, tokens) -> list[tuple[int, ...]]:
-    """Token path of every node (root excluded from the path) from parent links, by definition."""
-    seqs = []
-    for i in range(len(tokens)):
-        chain, j = [], i
-        while parents[j] >= 0:
-            chain.append(tokens[j])
-            j = parents[j]
-        seqs.append(tuple(reversed(chain)))
-    return seqs
-
-
-def draft_sequences(draft: Draft) -> list[tuple[int, ...]]:
-    seqs: list[tuple[int, ...]] = []
-    for parent, token in zip(draft.parents, draft.tokens, strict=True):
-        seqs.append((seqs[parent] if parent >= 0 else ()) + (token,))
-    return seqs
-
-
-def chain_of(parents, i) -> set[int]:
-    out = set()
-    while i >= 0:
-        out.add(i)
-        i = parents[i]
-    return out
+# Helpers
 
 
 def parent_closed(trie, nodes) -> bool:
