@@ -51,7 +51,21 @@ def test_denoise_accuracy_is_one_for_a_perfect_denoiser_and_zero_for_a_copycat()
     # Ahead noise at p copies an id j < p, so a model that trusts its input predicts j + 1 <= p, never p + 1.
     assert bad["acc"] == 0.0
     assert all(good[f"n_{k}"] == len(samples) for k in range(4))
-    assert denoise_accuracy(oracle, samples, 4, seed=0) == good  # fixed evaluation noise
+
+
+def test_evaluation_noise_is_fixed_by_the_seed_and_another_seed_draws_other_noise():
+    samples = counting_samples()
+
+    def run(seed):
+        seen: list[torch.Tensor] = []
+        half = _Logits(lambda ids: seen.append(ids.clone()) or torch.where(  # denoises at even positions only
+            torch.arange(ids.shape[1]) % 2 == 0, torch.arange(ids.shape[1]) + 1, ids + 1))
+        return denoise_accuracy(half, samples, noise_length=4, seed=seed), seen
+
+    (a, inputs_a), (b, inputs_b), (c, inputs_c) = run(3), run(3), run(4)
+    assert a == b and all(torch.equal(x, y) for x, y in zip(inputs_a, inputs_b, strict=True))
+    assert any(not torch.equal(x, y) for x, y in zip(inputs_a, inputs_c, strict=True)), "the seed picks the noise"
+    assert a != c, "and so what is scored"
 
 
 def test_heldout_loss_counts_only_label_positions():
@@ -61,40 +75,10 @@ def test_heldout_loss_counts_only_label_positions():
     assert perfect["tokens"] == (20 - 8) + (19 - 8)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A 1-layer random Llama with SmolLM2's tokenizer (the `msn eval --model` folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from msn.errors import MsnError
-    from msn.models import preset_path
-
-    try:
-        tok = AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
-    except MsnError as e:  # pragma: no cover
-        pytest.skip(str(e))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256,
-    )
-    path = tmp_path_factory.mktemp("evalmodel") / "m"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("evaldata") / "d.jsonl"
-    rows = [{"prompt": f"List after {i}", "response": " ".join(str(i + j) for j in range(12))} for i in range(5)]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return p
-
-
 @pytest.mark.parametrize("task, key", [("denoise", "acc_3"), ("heldout-loss", "loss")])
-def test_eval_cli_prints_a_table_and_writes_json(task, key, model_dir, data, tmp_path, capsys):
+def test_eval_cli_prints_a_table_and_writes_json(task, key, tiny_dir, data_file, tmp_path, capsys):
     out = tmp_path / "sub" / "r.json"
-    rc = main(["eval", "--model", str(model_dir), "--task", task, "--data", str(data), "--limit", "3", "--out", str(out)])
+    rc = main(["eval", "--model", str(tiny_dir), "--task", task, "--data", str(data_file), "--limit", "3", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert task in printed and key in printed
@@ -103,19 +87,19 @@ def test_eval_cli_prints_a_table_and_writes_json(task, key, model_dir, data, tmp
     assert not [p for p in out.parent.iterdir() if p.name != "r.json"], "temp file left behind"
 
 
-def test_eval_cli_errors_are_one_line(model_dir, data, tmp_path, capsys):
+def test_eval_cli_errors_are_one_line(tiny_dir, data_file, tmp_path, capsys):
     cases = [
         (["--task", "bleu"], "unknown task 'bleu'"),
         (["--task", "denoise", "--noise-length", "0"], "--noise-length must be positive"),
         (["--task", "denoise", "--data", str(tmp_path / "none.jsonl")], "data file not found"),
     ]
     for extra, msg in cases:
-        rc = main(["eval", "--model", str(model_dir), *extra])
+        rc = main(["eval", "--model", str(tiny_dir), *extra])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert rc == 2 and err.startswith("msn eval: error:") and msg in err, err
 
 
-def test_humaneval_hands_off_to_the_evaluator(model_dir, tmp_path, capsys, monkeypatch):
+def test_humaneval_hands_off_to_the_evaluator(tiny_dir, tmp_path, capsys, monkeypatch):
     import msn.eval as pkg
 
     calls = {}
@@ -129,7 +113,7 @@ def test_humaneval_hands_off_to_the_evaluator(model_dir, tmp_path, capsys, monke
     monkeypatch.setitem(sys.modules, "msn.eval.humaneval", fake_mod)
     monkeypatch.setattr(pkg, "humaneval", fake_mod, raising=False)
     out = tmp_path / "h.json"
-    argv = ["eval", "--model", str(model_dir), "--task", "humaneval", "--method", "tr-jacobi", "--limit", "2"]
+    argv = ["eval", "--model", str(tiny_dir), "--task", "humaneval", "--method", "tr-jacobi", "--limit", "2"]
     assert main([*argv, "--max-new-tokens", "64", "--out", str(out)]) == 0
     assert calls == {"method": "tr-jacobi", "limit": 2, "max_new_tokens": 64}
     assert json.loads(out.read_text())["pass@1"] == 0.5

@@ -143,6 +143,9 @@ def test_sampling_flags_sample_and_the_seed_decides(calls, capsys):
     assert "sampled temperature=0.9, top_k=40, seed=3" in first.err
     assert run("--temperature", "0.9", "--top-k", "40", "--seed", "3") == 0
     assert capsys.readouterr().out == first.out, "same seed, same text"
+    assert run("--temperature", "0.9", "--top-k", "40", "--seed", "4") == 0
+    assert calls["generate"][-1]["seed"] == 4
+    assert capsys.readouterr().out != first.out, "another seed, another sample"
     assert run() == 0
     assert "do_sample" not in calls["generate"][-1] and "greedy" in capsys.readouterr().err
 
