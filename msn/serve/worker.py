@@ -1,0 +1,227 @@
+"""One thread owns the model: requests wait in a bounded queue and run one at a time.
+
+A model is not safe to run from two threads at once, and on one device two interleaved requests are no
+faster than one after the other; a bounded queue turns overload into a quick 503 instead of a pile of
+requests that time out. Each job streams :class:`Delta` events and ends with exactly one
+:class:`Finished` or :class:`Failed`; a cancelled job (client gone) stops at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from msn.errors import MsnError
+from msn.serve.text import TextStream
+
+log = logging.getLogger("msn.serve")
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int  # up to and including the token that completed a stop string
+    steps: int  # forward passes after the prefill
+    committed_tokens: int  # tokens the steps committed (a step may commit past a stop string)
+    wall_time: float  # seconds, prefill included
+    method: str
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.committed_tokens / max(self.steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / max(self.wall_time, 1e-9)
+
+
+@dataclass
+class Finished:
+    result: Result
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 500
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: prompt ids, the keywords for :func:`msn.generate`, stop strings and where events go.
+    ``emit`` is called from the worker thread."""
+
+    ids: Any  # torch.Tensor [1, L]
+    settings: dict
+    stops: list[str]
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the request queue is full; retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+class _Stop(Exception):
+    """Raised from the streamer to end a generation early (stop string found, or client gone)."""
+
+
+class _Streamer:
+    """The engine's streamer protocol (``put``/``end``): the first ``put`` is the prompt, each later one a
+    step's committed tokens. Raising from ``put`` ends :func:`msn.generate` at that step."""
+
+    def __init__(self, job: Job, text: TextStream):
+        self.job, self.text = job, text
+        self.prompt_seen = False
+        self.steps = self.committed = 0
+        self.eos_hit = False
+
+    def put(self, value) -> None:
+        if self.job.cancelled.is_set():
+            raise _Stop
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        self.steps += 1
+        self.committed += len(tokens)
+        delta = ""
+        for token in tokens:  # one token at a time: a stop string ends the text at the token completing it
+            delta += self.text.push(token)
+            if self.text.stopped:
+                break
+        if delta:
+            self.job.emit(Delta(delta))  # one event per step: a step's accepted drafts arrive together
+        if self.text.stopped:
+            raise _Stop
+
+    def end(self) -> None:
+        pass
+
+
+class Worker:
+    """The model's only user. ``queue_size`` bounds the requests waiting behind the running one."""
+
+    def __init__(self, model, tokenizer, eos: list[int], queue_size: int = 16):
+        if queue_size < 1:
+            raise MsnError(f"queue size must be >= 1, got {queue_size}")
+        self.model, self.tokenizer, self.eos = model, tokenizer, list(eos)
+        self.queue_size = queue_size
+        self.tokenizer_lock = threading.Lock()  # the app encodes prompts while this thread decodes
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._mean_seconds = 1.0  # recent request duration, for Retry-After
+        self.served = 0
+
+    # -- the request side (any thread) ---------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; :class:`QueueFull` when ``queue_size`` requests already wait."""
+        with self._cond:
+            if self._closed:
+                raise QueueFull(1)
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(max(1, math.ceil(self._mean_seconds * (len(self._waiting) + 1))))
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: a waiting job leaves the queue now, a running one stops at its next step."""
+        job.cancelled.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"running": int(self._running is not None), "waiting": len(self._waiting),
+                    "queue_size": self.queue_size, "served": self.served}
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- the worker thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="msn-serve-worker", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs, cancel the waiting and the running one, wait for the thread."""
+        with self._cond:
+            self._closed = True
+            for job in self._waiting:
+                job.cancelled.set()
+                job.emit(Failed("the server is shutting down", 503))
+            self._waiting.clear()
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._running = self._waiting.popleft()
+            try:
+                start = time.perf_counter()
+                self.run(job)
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self.served += 1
+
+    def run(self, job: Job) -> None:
+        """Generate ``job`` on this thread, emitting its events (never raises)."""
+        from msn.decoding.engine import generate
+
+        text = TextStream(self.decode, job.stops)
+        streamer = _Streamer(job, text)
+        start = time.perf_counter()
+        try:
+            generate(self.model, job.ids, streamer=streamer, eos_token_id=self.eos, **job.settings)
+        except _Stop:
+            pass
+        except MsnError as e:  # the request was checked before it was queued: this is rare
+            job.emit(Failed(str(e), 400))
+            return
+        except Exception as e:  # one bad request must not end the worker
+            log.exception("generation failed")
+            job.emit(Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+            return
+        wall = time.perf_counter() - start
+        tail = text.finish()
+        if tail:
+            job.emit(Delta(tail))
+        stopped = text.stopped or (bool(text.tokens) and text.tokens[-1] in self.eos)
+        job.emit(Finished(Result(
+            text=text.sent_text, finish_reason="stop" if stopped else "length",
+            prompt_tokens=int(job.ids.shape[-1]), completion_tokens=len(text.tokens), steps=streamer.steps,
+            committed_tokens=streamer.committed, wall_time=wall, method=job.settings.get("method", "tr-jacobi"),
+        )))  # fmt: skip
