@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("msn.bench.demo", "offline demo: a small benchmark on built-in prompts with the default model"),
     "distill": ("msn.distill", "answer prompts with the model itself: a self-distilled training set"),
     "tune-tree": ("msn.bench.tune", "measure this device and model, write the fastest draft tree"),
+    "serve": ("msn.serve.cli", "OpenAI-compatible local server (chat/completions, SSE streaming) for one model"),
 }
 
 

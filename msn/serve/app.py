@@ -1,0 +1,270 @@
+"""The FastAPI app for one already-loaded model (tests pass tiny random models; ``msn serve`` a real one).
+
+Requests are checked and encoded here, on the event loop, so a bad request is refused before it takes a
+queue slot and before any response header is sent; only checked work reaches the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from msn.decoding.request import _context_limit, parse_request
+from msn.decoding.tree import METHODS, TREE_PRESETS, Tree, resolve_tree
+from msn.errors import MsnError
+from msn.prompting import encode_chat, encode_text, eos_ids
+from msn.serve import protocol as p
+from msn.serve.worker import Delta, Failed, Finished, Job, QueueFull, Worker
+
+log = logging.getLogger("msn.serve")
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tree: Tree | str | None = None,
+               queue_size: int = 16, api_key: str | None = None, default_max_tokens: int = 512) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` as ``model_id``. ``method``/``tree``: the default decoding
+    (a request may override both through its ``msn`` field); ``default_max_tokens``: for requests that give
+    no max_tokens (capped by the context)."""
+    if method not in METHODS:
+        raise MsnError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    device = next(model.parameters()).device
+    server = _Server(model, tokenizer, model_id, method, resolve_tree(tree, device, model.dtype), device,
+                     default_max_tokens, Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.worker.close)
+
+    app = FastAPI(title="msn serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _add_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise p.ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [p.model_card(model_id, server.created)]}
+
+    @v1.get("/models/{name:path}")
+    async def one_model(name: str) -> dict:
+        server.check_model(name)
+        return p.model_card(model_id, server.created)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.complete(request, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await server.complete(request, chat=False)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, **server.worker.stats()}
+
+    return app
+
+
+class _Server:
+    """What the routes share: the model, its defaults, the worker."""
+
+    def __init__(self, model, tokenizer, model_id: str, method: str, tree: Tree, device, default_max_tokens: int,
+                 worker: Worker):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.method, self.tree, self.device = method, tree, device
+        self.default_max_tokens, self.worker = default_max_tokens, worker
+        self.limit = _context_limit(model.config)
+        self.created = p.now()
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise p.ApiError(404, f"The model {name!r} does not exist: this server serves {self.model_id!r}",
+                             "model", "model_not_found")
+
+    async def complete(self, request: Request, chat: bool) -> Response:
+        body = await _json_body(request)
+        req = p.parse_body(body, chat, METHODS, tuple(TREE_PRESETS))
+        self.check_model(req.model)
+        job_ids, settings = self.prepare(req)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event) -> None:  # called on the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(job_ids, settings, req.stop, emit)
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            raise p.ApiError(503, f"The server is busy ({self.worker.queue_size} requests waiting); retry later",
+                             code="queue_full", kind="server_error",
+                             headers={"Retry-After": str(e.retry_after)}) from None
+        rid, created = p.new_id(chat), p.now()
+        if req.stream:
+            return _JobStream(_sse(req, rid, created, events), self.worker, job)
+        try:
+            return await _collect(request, req, rid, created, events)
+        finally:
+            self.worker.cancel(job)
+
+    def prepare(self, req: p.CompletionRequest):
+        """Prompt ids and :func:`msn.generate` keywords, checked the way the engine checks them."""
+        param = "messages" if req.chat else "prompt"
+        with self.worker.tokenizer_lock:
+            try:
+                ids = encode_chat(self.tokenizer, req.messages) if req.chat else encode_text(
+                    self.tokenizer, req.prompt, special_tokens=True)
+            except Exception as e:  # a chat template may refuse a conversation (e.g. roles must alternate)
+                raise p.bad(f"the model's chat template refused these messages: {e}", param) from None
+        n = int(ids.shape[1])
+        if n == 0:
+            raise p.bad("the prompt encodes to no tokens", param)
+        if self.limit is not None and n >= self.limit:
+            raise p.bad(f"the prompt is {n} tokens: this model's context is {self.limit} tokens", param,
+                        "context_length_exceeded")
+        max_tokens = req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.default_max_tokens, self.limit - n) if self.limit else self.default_max_tokens
+        elif self.limit is not None and n + max_tokens > self.limit:
+            raise p.bad(f"max_tokens ({max_tokens}) + the prompt ({n} tokens) = {n + max_tokens} exceeds this "
+                        f"model's context of {self.limit} tokens", "max_tokens", "context_length_exceeded")
+        tree = self.tree if req.tree is None else resolve_tree(req.tree, self.device, self.model.dtype)
+        method = req.method or self.method
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
+        sampling = req.sampling()
+        try:
+            parse_request(self.model, ids, max_tokens, method, tree, self.worker.eos, None, None, sampling, seed)
+        except MsnError as e:
+            raise p.bad(str(e)) from None
+        return ids.to(self.device), {"max_new_tokens": max_tokens, "method": method, "tree": tree, "seed": seed,
+                                     **sampling}
+
+
+class _JobStream(StreamingResponse):
+    """A streamed response that cancels its job however it ends (done, client gone, server stopping),
+    also when the client leaves before the first chunk."""
+
+    def __init__(self, content, worker: Worker, job: Job):
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self.worker, self.job = worker, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.worker.cancel(self.job)
+
+
+def _sse_line(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _sse(req: p.CompletionRequest, rid: str, created: int, events: asyncio.Queue):
+    if req.chat:
+        yield _sse_line(p.chunk(req, rid, created, first=True))
+    while True:
+        event = await events.get()
+        if isinstance(event, Delta):
+            yield _sse_line(p.chunk(req, rid, created, text=event.text))
+        elif isinstance(event, Finished):
+            yield _sse_line(p.chunk(req, rid, created, finish_reason=event.result.finish_reason))
+            if req.include_usage:
+                yield _sse_line(p.chunk(req, rid, created, result=event.result))
+            break
+        else:  # Failed: the status line is long gone, so the error travels in the stream
+            yield _sse_line(p.error_body(event.message, "server_error" if event.status >= 500 else
+                                         "invalid_request_error"))
+            break
+    yield _sse_line("[DONE]")
+
+
+async def _collect(request: Request, req: p.CompletionRequest, rid: str, created: int,
+                   events: asyncio.Queue) -> Response:
+    """Wait for the job's end, or for the client to leave (then the job is cancelled by the caller)."""
+
+    async def finished():
+        while True:
+            event = await events.get()
+            if not isinstance(event, Delta):
+                return event
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done_task, gone_task = asyncio.ensure_future(finished()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone_task.cancel()
+        if not done_task.done():
+            done_task.cancel()
+    if not done_task.done() or done_task.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    event = done_task.result()
+    if isinstance(event, Failed):
+        raise p.ApiError(event.status, event.message, kind="server_error" if event.status >= 500 else
+                         "invalid_request_error")
+    assert isinstance(event, Finished)
+    return JSONResponse(p.response(req, rid, created, event.result))
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise p.bad(f"the request body is not valid JSON: {e}") from None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's shape: ours, FastAPI's validation, routing (404/405), and crashes."""
+
+    async def api_error(request: Request, exc: p.ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return JSONResponse(p.error_body(first.get("msg", "invalid request"), param=param), status_code=400)
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                        str(exc.detail))
+        return JSONResponse(p.error_body(message, kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed", exc_info=exc)
+        return JSONResponse(p.error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+    app.add_exception_handler(p.ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crash)
