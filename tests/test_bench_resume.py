@@ -134,6 +134,24 @@ def test_changed_settings_are_refused_and_nothing_changes(setup, tmp_path, capsy
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_bench_recorded_before_retrieval_depth_was_named_still_resumes(setup, tmp_path):
+    """Benches recorded their static tree with the old key ``retrieval``; the same tree today writes
+    ``retrieval_depth``, and is the same setting."""
+    path, calls = setup
+    out = tmp_path / "out"
+    assert bench(path, out) == 0
+    record = json.loads((out / session.BENCH_FILE).read_text())
+    tree = record["settings"]["tree"]
+    tree["retrieval"] = tree.pop("retrieval_depth")
+    (out / session.BENCH_FILE).write_text(json.dumps(record))
+    calls.clear()
+    assert bench(path, out, methods="ar,jacobi,retrieval") == 0
+    assert sorted(calls, key=str) == sorted([(1, "retrieval"), (2, "retrieval"), ("three", "retrieval")], key=str)
+    tree["retrieval"] = 3  # another depth is another setting
+    (out / session.BENCH_FILE).write_text(json.dumps(record))
+    assert bench(path, out) == 2
+
+
 def test_foreign_folder_refused_and_overwrite_deletes_only_bench_files(setup, tmp_path, capsys):
     path, _ = setup
     out = tmp_path / "out"

@@ -66,7 +66,8 @@ def test_cycle_in_nodes_form_is_refused():
         ({"nodes": [[0, -1]]}, "rank must be"),
         ({"jacobi": [[0], []]}, "non-empty rank lists"),
         ({"jacobi": [[0, -2]]}, "ranks must be integers >= 0"),
-        ({"jacobi": [[0]], "retrieval": -1}, "'retrieval' must be an integer"),
+        ({"jacobi": [[0]], "retrieval_depth": -1}, "'retrieval_depth' must be an integer"),
+        ({"jacobi": [[0]], "retrieval": 2, "retrieval_depth": 2}, "'retrieval_depth' only"),
         ({"jacobi": [[0]], "recycling": -2}, "'recycling' must be an integer >= 0, got -2"),
         ({"jacobi": [[0]], "depth": 3}, r"unknown field\(s\) \['depth'\]"),
         ([[0]], "expected a JSON object"),
@@ -81,12 +82,24 @@ def test_nodes_form_equals_paths_form():
     # node 1 = (0,), node 2 = (1,), node 3 = (0, 0), node 4..5 = retrieval chain of 2
     t = TreeTemplate.from_dict({"nodes": [[0, 0], [0, 1], [1, 0], [0, "r"], [4, "r"]]})
     assert set(t.jacobi) == {(0,), (1,), (0, 0)}
-    assert t.retrieval == 2
+    assert t.retrieval_depth == 2
+
+
+def test_tree_files_with_the_old_retrieval_key_still_load(tmp_path):
+    """Files written before the chain depth was named ``retrieval_depth`` say ``retrieval``."""
+    f = tmp_path / "old.json"
+    f.write_text('{"name": "tuned-old", "jacobi": [[0], [0, 0], [1]], "retrieval": 4}\n')
+    old = TreeTemplate.load(f)
+    assert old == TreeTemplate(((0,), (0, 0), (1,)), 4, name="tuned-old")
+    assert old.retrieval_depth == 4 and old.size == 7
+    assert "retrieval" not in old.to_dict() and old.to_dict()["retrieval_depth"] == 4
+    with pytest.raises(TreeError, match="'retrieval_depth' must be an integer"):
+        TreeTemplate.from_dict({"jacobi": [[0]], "retrieval": -1})
 
 
 def test_bad_json_names_file_and_line(tmp_path):
     f = tmp_path / "tree.json"
-    f.write_text('{\n  "jacobi": [[0], [0, 0]],\n  "retrieval": 5,,\n}\n')
+    f.write_text('{\n  "jacobi": [[0], [0, 0]],\n  "retrieval_depth": 5,,\n}\n')
     with pytest.raises(TreeError, match=r"tree\.json:3: malformed JSON"):
         TreeTemplate.load(f)
     with pytest.raises(TreeError, match="not found"):
@@ -98,7 +111,7 @@ def test_bad_recycling_count_is_refused_naming_the_field(value):
     with pytest.raises(TreeError, match="field 'recycling'"):
         TreeTemplate.from_dict({"jacobi": [[0]], "recycling": value})
     with pytest.raises(TreeError, match="retrieval"):  # the chain depth is checked the same way
-        TreeTemplate.from_dict({"jacobi": [[0]], "retrieval": value})
+        TreeTemplate.from_dict({"jacobi": [[0]], "retrieval_depth": value})
 
 
 def test_recycling_count_up_to_the_auto_maximum_is_fine():
@@ -114,11 +127,11 @@ def test_recycling_count_up_to_the_auto_maximum_is_fine():
 @settings(max_examples=60, deadline=None)
 @given(tree_templates(max_recycling=AUTO_MAX_NODES), st.sampled_from(["x", "my-tree"]))
 def test_json_roundtrip(tmp_path_factory, t, name):
-    t = TreeTemplate(t.jacobi, t.retrieval, name=name, recycling=t.recycling)
+    t = TreeTemplate(t.jacobi, t.retrieval_depth, name=name, recycling=t.recycling)
     f = tmp_path_factory.mktemp("trees") / "t.json"
     t.save(f)
     back = TreeTemplate.load(f)
-    assert back == t  # jacobi, retrieval, recycling and name
+    assert back == t  # jacobi, retrieval depth, recycling and name
     assert TreeTemplate.from_dict(t.to_dict()) == t
     assert ("recycling" in t.to_dict()) == bool(t.recycling)
 
@@ -126,12 +139,12 @@ def test_json_roundtrip(tmp_path_factory, t, name):
 @settings(max_examples=100, deadline=None)
 @given(tree_templates())
 def test_template_properties(t):
-    assert t.size == len(t.jacobi) + t.retrieval + t.recycling
+    assert t.size == len(t.jacobi) + t.retrieval_depth + t.recycling
     assert [len(p) for p in t.jacobi] == sorted(len(p) for p in t.jacobi), "parents before children"
-    assert t.depth == max([len(p) for p in t.jacobi] + [t.retrieval, 0])
+    assert t.depth == max([len(p) for p in t.jacobi] + [t.retrieval_depth, 0])
     assert t.top_k == (max(r for p in t.jacobi for r in p) + 1 if t.jacobi else 0)
     assert t.sources == tuple(s for s in ("jacobi", "retrieval", "recycling") if t.shape(s))
-    assert (t.shape("jacobi"), t.shape("retrieval"), t.shape("recycling")) == (t.jacobi, t.retrieval, t.recycling)
+    assert (t.shape("jacobi"), t.shape("retrieval"), t.shape("recycling")) == (t.jacobi, t.retrieval_depth, t.recycling)
 
 
 def test_save_load_roundtrip_and_resolve(tmp_path):
@@ -139,10 +152,10 @@ def test_save_load_roundtrip_and_resolve(tmp_path):
     f = tmp_path / "t.json"
     t.save(f)
     back = TreeTemplate.load(f)
-    assert back.jacobi == t.jacobi and back.retrieval == t.retrieval == 5 and back.recycling == 0
+    assert back.jacobi == t.jacobi and back.retrieval_depth == t.retrieval_depth == 5 and back.recycling == 0
     assert resolve_tree(str(f), "cpu", torch.float32).jacobi == t.jacobi
     assert resolve_tree("official-68", "cpu", torch.float32) is t
-    assert resolve_tree({"jacobi": [[0]], "retrieval": 1}, "cpu", torch.float32).size == 2
+    assert resolve_tree({"jacobi": [[0]], "retrieval_depth": 1}, "cpu", torch.float32).size == 2
     assert resolve_tree({"jacobi": [[0]], "recycling": 3}, "cpu", torch.float32).size == 4
     assert resolve_tree(t) is t
     with pytest.raises(TreeError, match="not 'auto', a preset"):
@@ -156,7 +169,7 @@ def test_save_load_roundtrip_and_resolve(tmp_path):
 def test_presets():
     t = TREE_PRESETS["official-68"]
     assert t.jacobi == tuple(sorted(MC_SIM_7B_63, key=len))
-    assert (t.size, t.top_k, t.jacobi_depth, t.retrieval, t.recycling) == (68, 10, 4, 5, 0)
+    assert (t.size, t.top_k, t.jacobi_depth, t.retrieval_depth, t.recycling) == (68, 10, 4, 5, 0)
     assert TREE_PRESETS["cpu-fp32-8"].size == 8 and TREE_PRESETS["cpu-bf16-16"].size == 16
     for name, preset in TREE_PRESETS.items():
         assert preset.name == name
@@ -206,13 +219,13 @@ def test_static_template_for_every_method(name, method):
     elif method == "tr-jacobi":
         assert part is t
     elif method == "jacobi":
-        assert (part.jacobi, part.retrieval, part.recycling) == (t.jacobi, 0, 0)
+        assert (part.jacobi, part.retrieval_depth, part.recycling) == (t.jacobi, 0, 0)
     elif method == "retrieval":
         # a template without a chain still drafts one, as deep as the template
         assert (part.jacobi, part.recycling) == ((), 0)
-        assert part.retrieval == (t.retrieval or max(t.depth, 1)) >= 1
+        assert part.retrieval_depth == (t.retrieval_depth or max(t.depth, 1)) >= 1
     elif method == "recycling":
-        assert (part.jacobi, part.retrieval) == ((), 0)
+        assert (part.jacobi, part.retrieval_depth) == ((), 0)
         assert part.recycling == (t.recycling or min(max(t.size, 1), AUTO_MAX_NODES)) >= 1
     if method != "tr-jacobi":
         assert part.name == ("ar" if method == "ar" else f"{t.name}/{method}")
@@ -232,7 +245,7 @@ def test_every_per_method_part_roundtrips_through_json(name, method):
 
 
 @pytest.mark.parametrize("fields, match", [({"recycling": -1}, "recycling"), ({"recycling": True}, "recycling"),
-                                           ({"recycling": 65}, "<= 64"), ({"retrieval": -2}, "retrieval")])
+                                           ({"recycling": 65}, "<= 64"), ({"retrieval_depth": -2}, "retrieval_depth")])
 def test_constructor_validates_counts(fields, match):
     with pytest.raises(TreeError, match=match):
         TreeTemplate(((0,),), **fields)
@@ -267,7 +280,7 @@ def test_tree_mask_is_additive_float_in_model_dtype(dtype):
         assert set(allowed[i].nonzero().flatten().tolist()) == chain_of(tree.parents, i)
 
 
-@pytest.mark.parametrize("tree", ["official-68", {"jacobi": [[0], [0, 0]], "retrieval": 2, "recycling": 3}])
+@pytest.mark.parametrize("tree", ["official-68", {"jacobi": [[0], [0, 0]], "retrieval_depth": 2, "recycling": 3}])
 def test_engine_passes_the_float_mask_in_model_dtype(tree):
     from conftest import tiny_model
 

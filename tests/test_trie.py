@@ -38,6 +38,7 @@ def test_identical_siblings_across_sources_merge():
     n7, n78 = seqs.index((7,)), seqs.index((7, 8))
     assert trie.edge[n7] == 0.6 and trie.edge[n78] == 0.9, "the best edge estimate is kept"
     assert trie.proposers[n7] == [("a", 0, (7,)), ("b", 0, (7,))], "all proposers are kept"
+    assert [(p.source, p.bucket, p.tag) for p in trie.proposers[n78]] == [("a", 0, (7, 8)), ("b", 0, (7, 8))]
     assert trie.proposers[seqs.index((9,))] == [("a", 0, (9,))]
     assert trie.children[0] == {7: n7, 9: seqs.index((9,)), 5: seqs.index((5,))}
 

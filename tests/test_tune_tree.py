@@ -98,7 +98,7 @@ def test_max_nodes_and_template():
     sel = select_tree(nodes_from(J), cost=lambda n: 1.0, max_nodes=4)
     assert len(sel.order) == 4
     t = to_template(sel.nodes, "mine")
-    assert t.jacobi == ((0,), (1,), (0, 0)) and t.retrieval == 1 and t.name == "mine"
+    assert t.jacobi == ((0,), (1,), (0, 0)) and t.retrieval_depth == 1 and t.name == "mine"
 
 
 def test_interpolate():
@@ -144,7 +144,7 @@ def test_tune_writes_loadable_tree(tmp_path, monkeypatch, capsys):
     assert all(0.0 <= n["prob"] <= 1.0 for n in report["node_acceptance"])
     assert report["tree"] == tree.to_dict()
     share = report["retrieval_chain_share_by_depth"]
-    assert len(share) == TREE_PRESETS["cpu-bf16-16"].retrieval
+    assert len(share) == TREE_PRESETS["cpu-bf16-16"].retrieval_depth
     assert all(1.0 >= a >= b >= 0.0 for a, b in zip(share, share[1:], strict=False))  # deeper needs shallower
     assert str(out) in capsys.readouterr().out
 

@@ -101,6 +101,8 @@ def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
     for key in SETTINGS:
         a, b = old.get(key), new.get(key)
+        if key == "tree":
+            a, b = _tree_record(a), _tree_record(b)
         same = _model_key(str(a)) == _model_key(str(b)) if key == "model" else a == b
         if not same:
             shown = (a, b) if key != "tree" else (_tree_name(a), _tree_name(b))
@@ -108,9 +110,18 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def _tree_record(t):
+    """A recorded tree as it is written today: benches from before ``retrieval_depth`` was named so
+    recorded it as ``retrieval``, and still resume."""
+    if isinstance(t, dict) and "retrieval" in t and "retrieval_depth" not in t:
+        return {**{k: v for k, v in t.items() if k != "retrieval"}, "retrieval_depth": t["retrieval"]}
+    return t
+
+
 def _tree_name(t) -> str:
     if isinstance(t, dict):
-        return f"{t.get('name', '?')} ({len(t.get('jacobi', []))} Jacobi nodes, retrieval {t.get('retrieval')})"
+        return (f"{t.get('name', '?')} ({len(t.get('jacobi', []))} Jacobi nodes, "
+                f"retrieval depth {t.get('retrieval_depth')})")
     return str(t)
 
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,7 +27,14 @@ from msn.errors import InputError
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
-NodeKey = tuple[str, tuple[int, ...]]  # ("j", rank path) or ("r", (depth,))
+JACOBI, RETRIEVAL = "j", "r"  # NodeKey.kind (also the "kind" of each node in the measurement report)
+
+
+class NodeKey(NamedTuple):
+    """One node of a static template: a Jacobi node by its rank path, or the retrieval chain's node at a depth."""
+
+    kind: str  # JACOBI or RETRIEVAL
+    path: tuple[int, ...]  # the rank path, or (depth,) on the retrieval chain
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,11 @@ class Node:
     key: NodeKey
     parent: NodeKey | None  # None = the root
     prob: float  # share of decoding steps in which this node was on the accepted path
+
+    def __post_init__(self) -> None:  # plain (kind, path) tuples are accepted for keys
+        object.__setattr__(self, "key", NodeKey(*self.key))
+        if self.parent is not None:
+            object.__setattr__(self, "parent", NodeKey(*self.parent))
 
 
 @dataclass
@@ -53,16 +66,16 @@ class Selection:
 
 def template_nodes(template: TreeTemplate) -> list[NodeKey]:
     """Keys in the engine's node order (root excluded): Jacobi paths as stored, then the retrieval chain."""
-    keys: list[NodeKey] = [("j", p) for p in template.jacobi]
-    keys += [("r", (d,)) for d in range(1, template.retrieval + 1)]
+    keys = [NodeKey(JACOBI, p) for p in template.jacobi]
+    keys += [NodeKey(RETRIEVAL, (d,)) for d in range(1, template.retrieval_depth + 1)]
     return keys
 
 
-def parent_of(key: NodeKey) -> NodeKey | None:
+def parent_of(key: tuple[str, tuple[int, ...]]) -> NodeKey | None:
     kind, path = key
-    if kind == "j":
-        return ("j", path[:-1]) if len(path) > 1 else None
-    return ("r", (path[0] - 1,)) if path[0] > 1 else None
+    if kind == JACOBI:
+        return NodeKey(JACOBI, path[:-1]) if len(path) > 1 else None
+    return NodeKey(RETRIEVAL, (path[0] - 1,)) if path[0] > 1 else None
 
 
 def select_tree(nodes: Sequence[Node], cost: Callable[[int], float], max_nodes: int | None = None,
@@ -93,7 +106,7 @@ def select_tree(nodes: Sequence[Node], cost: Callable[[int], float], max_nodes: 
     scores, total, jacobi, depth = [1.0 / cost(1)], 1.0, 0, 0
     for n in order:
         total += n.prob
-        if n.key[0] == "j":
+        if n.key.kind == JACOBI:
             jacobi += 1
         else:
             depth += 1
@@ -116,9 +129,9 @@ def expected_cost(cost: Callable[[int], float], jacobi: int, depth: int,
 
 
 def to_template(nodes: Sequence[Node], name: str) -> TreeTemplate:
-    jacobi = tuple(n.key[1] for n in nodes if n.key[0] == "j")
-    retrieval = max((n.key[1][0] for n in nodes if n.key[0] == "r"), default=0)
-    return TreeTemplate(jacobi, retrieval, name=name)
+    jacobi = tuple(n.key.path for n in nodes if n.key.kind == JACOBI)
+    depth = max((n.key.path[0] for n in nodes if n.key.kind == RETRIEVAL), default=0)
+    return TreeTemplate(jacobi, depth, name=name)
 
 
 def interpolate(costs: dict[int, float]) -> Callable[[int], float]:
@@ -152,7 +165,7 @@ def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequen
     eos = eos_ids(model, tokenizer)
     hits = torch.zeros(template.size + 1, dtype=torch.long)
     steps = 0
-    reached = [0] * template.retrieval
+    reached = [0] * template.retrieval_depth
     for text in prompts:
         ids = encode_chat(tokenizer, [{"role": "user", "content": text}]).to(model.device)
         out = generate(model, ids, max_new_tokens=max_new_tokens, method="tr-jacobi", tree=template,
@@ -160,7 +173,7 @@ def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequen
         hits += out.node_hits.cpu()
         steps += out.steps
         for length in out.retrieval_lengths or []:
-            for d in range(min(length, template.retrieval)):
+            for d in range(min(length, template.retrieval_depth)):
                 reached[d] += 1
     share = [r / max(steps, 1) for r in reached]
     return [h / max(steps, 1) for h in hits[1:].tolist()], steps, share
@@ -188,7 +201,7 @@ def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: st
         "steps": steps,
         "start_tree": start.to_dict(),
         "retrieval_chain_share_by_depth": chain_share,
-        "node_acceptance": [{"node": list(n.key[1]), "kind": n.key[0], "prob": n.prob} for n in nodes],
+        "node_acceptance": [{"node": list(n.key.path), "kind": n.key.kind, "prob": n.prob} for n in nodes],
         "expected_tokens_per_s_by_size": sel.scores,
         "best_size": sel.best_size,
         "expected_speedup": sel.speedup,
@@ -242,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     tree.save(out)
     report_path = out.with_name(out.stem + ".measure.json")
     report_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"tree: {tree.size} nodes ({len(tree.jacobi)} Jacobi, retrieval depth {tree.retrieval}), "
+    print(f"tree: {tree.size} nodes ({len(tree.jacobi)} Jacobi, retrieval depth {tree.retrieval_depth}), "
           f"expected {report['expected_speedup']:.2f}x over one-token steps (forward cost only)")
     print(f"wrote {out} (use: msn bench --tree {out}); measurements in {report_path}")
     return 0

@@ -313,6 +313,6 @@ class _Decoder:
 def _template_tags(template: TreeTemplate) -> dict:
     """Template node tag -> index in ``node_hits`` (root 0, Jacobi paths, retrieval depths, recycling)."""
     tags = [("jacobi", p) for p in template.jacobi]
-    tags += [("retrieval", d) for d in range(1, template.retrieval + 1)]
+    tags += [("retrieval", d) for d in range(1, template.retrieval_depth + 1)]
     tags += [("recycling", i) for i in range(template.recycling)]
     return {tag: i for i, tag in enumerate(tags, start=1)}

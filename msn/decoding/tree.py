@@ -78,24 +78,24 @@ class AutoTree:
 
 @dataclass(frozen=True)
 class TreeTemplate:
-    """Which draft nodes exist: Jacobi rank paths, a retrieval chain of ``retrieval`` nodes and
+    """Which draft nodes exist: Jacobi rank paths, a retrieval chain ``retrieval_depth`` nodes deep and
     ``recycling`` nodes followed best-first through the recycling table."""
 
     jacobi: tuple[tuple[int, ...], ...]
-    retrieval: int = 0
+    retrieval_depth: int = 0
     name: str = "custom"
     recycling: int = 0
 
     def __post_init__(self) -> None:
         paths = tuple(tuple(int(r) for r in p) for p in self.jacobi)
         object.__setattr__(self, "jacobi", tuple(sorted(paths, key=len)))  # parents before children
-        for key, limit in (("retrieval", None), ("recycling", AUTO_MAX_NODES)):
+        for key, limit in (("retrieval_depth", None), ("recycling", AUTO_MAX_NODES)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TreeError(f"tree field {key!r} must be an integer >= 0, got {value!r}")
             if limit is not None and value > limit:
                 raise TreeError(f"tree field {key!r} must be <= {limit}, got {value}")
-        _validate_paths(self.jacobi, self.retrieval)
+        _validate_paths(self.jacobi, self.retrieval_depth)
 
     @property
     def jacobi_depth(self) -> int:
@@ -107,21 +107,21 @@ class TreeTemplate:
 
     @property
     def depth(self) -> int:
-        return max(self.jacobi_depth, self.retrieval)
+        return max(self.jacobi_depth, self.retrieval_depth)
 
     @property
     def size(self) -> int:
         """Number of draft nodes (the forward pass verifies size + 1 tokens, the root included)."""
-        return len(self.jacobi) + self.retrieval + self.recycling
+        return len(self.jacobi) + self.retrieval_depth + self.recycling
 
     @property
     def sources(self) -> tuple[str, ...]:
-        parts = (("jacobi", self.jacobi), ("retrieval", self.retrieval), ("recycling", self.recycling))
+        parts = (("jacobi", self.jacobi), ("retrieval", self.retrieval_depth), ("recycling", self.recycling))
         return tuple(name for name, part in parts if part)
 
     def shape(self, source: str):
         """This template's part for one source (rank paths, chain depth, node count)."""
-        return {"jacobi": self.jacobi, "retrieval": self.retrieval, "recycling": self.recycling}[source]
+        return {"jacobi": self.jacobi, "retrieval": self.retrieval_depth, "recycling": self.recycling}[source]
 
     def for_method(self, method: str) -> TreeTemplate:
         """The part of this template a decoding method uses (a one-source method whose part is empty
@@ -131,7 +131,7 @@ class TreeTemplate:
         if method == "jacobi":
             return TreeTemplate(self.jacobi, 0, name=f"{self.name}/jacobi")
         if method == "retrieval":
-            return TreeTemplate((), self.retrieval or max(self.depth, 1), name=f"{self.name}/retrieval")
+            return TreeTemplate((), self.retrieval_depth or max(self.depth, 1), name=f"{self.name}/retrieval")
         if method == "recycling":
             count = self.recycling or min(max(self.size, 1), AUTO_MAX_NODES)
             return TreeTemplate((), 0, name=f"{self.name}/recycling", recycling=count)
@@ -140,7 +140,7 @@ class TreeTemplate:
         raise _unknown_method(method)
 
     def to_dict(self) -> dict:
-        out = {"name": self.name, "jacobi": [list(p) for p in self.jacobi], "retrieval": self.retrieval}
+        out = {"name": self.name, "jacobi": [list(p) for p in self.jacobi], "retrieval_depth": self.retrieval_depth}
         if self.recycling:
             out["recycling"] = self.recycling
         return out
@@ -152,31 +152,36 @@ class TreeTemplate:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "tree") -> TreeTemplate:
-        """Accepts ``{"jacobi": [[0], [0, 0], ...], "retrieval": 5}`` or explicit parent links
-        ``{"nodes": [[parent, rank], ...]}`` (node i+1 is nodes[i], the root is 0, rank "r" = retrieval)."""
+        """Accepts ``{"jacobi": [[0], [0, 0], ...], "retrieval_depth": 5}`` or explicit parent links
+        ``{"nodes": [[parent, rank], ...]}`` (node i+1 is nodes[i], the root is 0, rank "r" = retrieval).
+        Files written before the field was named for what it is say ``"retrieval"``; they read the same."""
         if not isinstance(data, dict):
-            raise TreeError(f"{where}: expected a JSON object with 'jacobi' and 'retrieval' (or 'nodes')")
+            raise TreeError(f"{where}: expected a JSON object with 'jacobi' and 'retrieval_depth' (or 'nodes')")
         name = str(data.get("name", Path(where).stem))
         if "nodes" in data:
             jacobi, retrieval = _paths_from_parents(data["nodes"], where)
             return cls(jacobi, retrieval, name=name)
-        unknown = set(data) - {"name", "jacobi", "retrieval", "recycling", "description"}
+        unknown = set(data) - {"name", "jacobi", "retrieval_depth", "retrieval", "recycling", "description"}
         if unknown:
             raise TreeError(f"{where}: unknown field(s) {sorted(unknown)}")
+        if "retrieval" in data:  # the old name of retrieval_depth
+            if "retrieval_depth" in data:
+                raise TreeError(f"{where}: give 'retrieval_depth' only ('retrieval' is its old name)")
+            data = {**{k: v for k, v in data.items() if k != "retrieval"}, "retrieval_depth": data["retrieval"]}
         jacobi = data.get("jacobi", [])
         if not isinstance(jacobi, list) or not all(isinstance(p, list) and p for p in jacobi):
             raise TreeError(f"{where}: field 'jacobi' must be a list of non-empty rank lists")
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for p in jacobi for r in p):
             raise TreeError(f"{where}: field 'jacobi' ranks must be integers >= 0")
         counts = {}
-        for key in ("retrieval", "recycling"):
+        for key in ("retrieval_depth", "recycling"):
             value = data.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TreeError(f"{where}: field {key!r} must be an integer >= 0, got {value!r}")
             counts[key] = value
         if counts["recycling"] > AUTO_MAX_NODES:
             raise TreeError(f"{where}: field 'recycling' must be <= {AUTO_MAX_NODES}")
-        return cls(tuple(tuple(p) for p in jacobi), counts["retrieval"], name=name, recycling=counts["recycling"])
+        return cls(tuple(tuple(p) for p in jacobi), counts["retrieval_depth"], name=name, recycling=counts["recycling"])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TreeTemplate:

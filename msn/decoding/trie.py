@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from msn.decoding.sources.base import Draft
 
-Proposer = tuple[str, Any, Any]  # (source name, calibration bucket, template tag)
+
+class Proposer(NamedTuple):
+    """Who proposed a trie node: the source, the bucket its estimate is calibrated in, its template tag."""
+
+    source: str
+    bucket: Any
+    tag: Any
 
 
 @dataclass
@@ -68,7 +74,7 @@ def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, 
             node = trie.child(at[parent] if parent >= 0 else 0, token)
             at[i] = node
             trie.edge[node] = max(trie.edge[node], estimate(name, bucket, score))
-            trie.proposers[node].append((name, bucket, tag))
+            trie.proposers[node].append(Proposer(name, bucket, tag))
     return trie
 
 
