@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.flags import check_run_flags
+from msn.bench.flags import BENCH_SEED_HELP, add_sampling_arguments, check_run_flags, sampling_settings
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS
 from msn.bench.session import BenchConfig, command_line, run_bench
 from msn.bench.summary import print_report
@@ -43,11 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "same folder resumes, skipping questions already answered")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the bench in --out (deletes only the files a bench writes there)")
+    add_sampling_arguments(p, seed_help=BENCH_SEED_HELP)
 
 
 def validate(args: argparse.Namespace) -> tuple[list[qs.Question], list[str]]:
     """Every user error, before any model is loaded."""
     methods = check_run_flags(args)
+    sampling_settings(args)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = qs.select(qs.load_questions(args.questions), categories, args.limit, args.per_category)
     return questions, methods
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=args.warmup,
-        command=command_line(), threads=args.threads, overwrite=args.overwrite,
+        command=command_line(), threads=args.threads, overwrite=args.overwrite, sampling=sampling_settings(args),
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

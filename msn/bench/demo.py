@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.flags import check_run_flags
-from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS
+from msn.bench.flags import BENCH_SEED_HELP, add_sampling_arguments, check_run_flags, sampling_settings
+from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, sampling_record
 from msn.bench.session import BenchConfig, command_line, run_bench
-from msn.bench.summary import print_report
+from msn.bench.summary import print_report, sampling_text
 from msn.decoding.tree import TREE_HELP
 from msn.models import DEFAULT_MODEL
 
@@ -32,10 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo); a rerun resumes it")
     p.add_argument("--overwrite", action="store_true", help="measure again from scratch into --out")
+    add_sampling_arguments(p, seed_help=BENCH_SEED_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     methods = check_run_flags(args)
+    sampling = sampling_settings(args)
     from msn.bench.session import pick_device
     from msn.outputs import check_output_dir
 
@@ -43,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")  # before the banner: a bad input is the only line printed
     questions = qs.demo_questions(args.limit)
     print(f"msn demo: {len(questions)} prompts x {len(methods)} methods ({', '.join(methods)}) on {args.model}, "
-          f"{args.dtype}, up to {args.max_new_tokens} new tokens each", file=sys.stderr)
+          f"{args.dtype}, up to {args.max_new_tokens} new tokens each, "
+          f"{sampling_text(sampling_record(sampling))}", file=sys.stderr)
     cfg = BenchConfig(
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=1,
-        command=command_line(), threads=args.threads, overwrite=args.overwrite,
+        command=command_line(), threads=args.threads, overwrite=args.overwrite, sampling=sampling,
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

@@ -1,12 +1,17 @@
 """The flags the run commands share (``msn bench``, ``msn demo``, ``msn generate``, ``msn tune-tree``), checked
-one way, before any model loads: a typo costs a second, not a model load."""
+one way, before any model loads: a typo costs a second, not a model load. The sampling flags are defined here
+once, for ``msn generate``, ``msn bench`` and ``msn demo``."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from msn.errors import InputError
+
+if TYPE_CHECKING:
+    from msn.decoding.sampling import Sampling
 
 # The smallest value of each numeric run flag; a command checks the ones it has.
 RUN_MINIMUMS = {"max_new_tokens": 1, "threads": 1, "warmup": 0, "limit": 1, "per_category": 1}
@@ -28,3 +33,39 @@ def check_run_flags(args: argparse.Namespace) -> list[str]:
     methods = parse_methods(args.methods)
     at_least(args, RUN_MINIMUMS)
     return methods
+
+
+BENCH_SEED_HELP = ("each question's (each turn's) seed derives from it, the same for every method, so for a seed "
+                   "msn's methods give the same text (default: 0)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str = "same seed, same text for every method "
+                           "(default: 0)") -> None:
+    """``--temperature``, ``--top-p``, ``--top-k``, ``--min-p`` and ``--seed``; any of the first four samples."""
+    samp = p.add_argument_group("sampling (any of these samples instead of greedy decoding; exact, seeded)")
+    samp.add_argument("--temperature", type=float, default=None, help="e.g. 0.7 (default: greedy)")
+    samp.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.9")
+    samp.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    samp.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    samp.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def _given_sampling(args: argparse.Namespace) -> dict:
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def sampling_settings(args: argparse.Namespace) -> Sampling | None:
+    """The sampling flags as checked settings (``--seed`` included), or None for greedy decoding (no sampling
+    flag given). A bad value is one clear error, before any model loads."""
+    from msn.decoding.sampling import sampling_from
+
+    given = _given_sampling(args)
+    return sampling_from(given, seed=args.seed) if given else None
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """``do_sample`` plus the given settings (for ``msn.generate``), checked as :func:`sampling_settings`."""
+    if sampling_settings(args) is None:
+        return {}
+    return {"do_sample": True, **_given_sampling(args)}

@@ -3,10 +3,19 @@
 Methods run A B C D on question 1, then A B C D on question 2, ... after an untimed warm-up, so slow drift
 of the machine (thermal, other load) hits every method alike. Each method holds its own conversation: a
 two-turn question's second prompt contains that method's own first answer, as in Spec-Bench.
+
+Sampling (``Sampling`` settings instead of None): each turn of a question gets its own seed, derived from the
+run's seed, the question id and the turn (:func:`turn_seed`), the same for every method. msn's methods sample
+with the engine's coupled noise, so for a seed they all give the same text (``ar``'s); ``pld`` samples through
+transformers (``torch.manual_seed(seed)`` before its ``generate``), another random stream, so its text is
+another sample of the same distribution.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,6 +27,7 @@ from msn.bench.questions import Question
 from msn.decoding import METHODS as ENGINE_METHODS
 from msn.decoding import generate
 from msn.decoding.engine import DecoderState
+from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate
 from msn.errors import InputError
 from msn.prompting import encode_chat, eos_ids
@@ -25,6 +35,26 @@ from msn.prompting import encode_chat, eos_ids
 BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"])
 DEFAULT_METHODS = ("ar", "pld", "jacobi", "tr-jacobi")
 PLD_SETTINGS = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3}
+
+
+def turn_seed(seed: int, question_id, turn: int) -> int:
+    """The sampling seed of one turn of one question: stable across runs, machines and Python processes
+    (a hash, not Python's salted ``hash``), below 2**63."""
+    digest = hashlib.sha256(json.dumps([seed, question_id, turn]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def hf_sampling_kwargs(sampling: Sampling) -> dict:
+    """The settings for transformers' ``generate``, stated in full: a setting left unset there would fall back
+    to transformers' defaults (top_k=50), not to "off" as in msn."""
+    return {"do_sample": True, "temperature": float(sampling.temperature),
+            "top_k": sampling.top_k or 0, "top_p": 1.0 if sampling.top_p is None else float(sampling.top_p),
+            "min_p": sampling.min_p}
+
+
+def sampling_record(sampling: Sampling | None) -> dict | None:
+    """Sampling settings as written to bench.json, the summary and each answer (None: greedy)."""
+    return None if sampling is None else dataclasses.asdict(sampling)
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
@@ -52,6 +82,7 @@ class TurnResult:
     accepted_by_source: dict[str, list[int]] | None = None
     nodes_by_source: dict[str, list[int]] | None = None
     tree_sizes: list[int] | None = None  # per step: draft nodes verified
+    seed: int | None = None  # the turn's sampling seed (None: greedy)
 
 
 class _PldAcceptRecorder:
@@ -105,15 +136,20 @@ class _PldAcceptRecorder:
 def run_turn(
     model, tokenizer, method: str, input_ids: torch.Tensor, max_new_tokens: int,
     tree: TreeTemplate | str | None, eos: list[int], state: DecoderState | None = None,
+    sampling: Sampling | None = None, seed: int = 0,
 ) -> TurnResult:
-    """One greedy generation, timed with perf_counter around the whole call (prefill included)."""
+    """One generation, greedy or (``sampling``) sampled with ``seed``, timed with perf_counter around the
+    whole call (prefill included)."""
     input_ids = input_ids.to(model.device)
     if method == "pld":
         pad = model.generation_config.pad_token_id
+        how = {"do_sample": False} if sampling is None else hf_sampling_kwargs(sampling)
         with _PldAcceptRecorder(model, input_ids.shape[1]) as recorder:
+            if sampling is not None:
+                torch.manual_seed(seed)  # transformers samples from torch's global generator
             start = time.perf_counter()
             seq = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                input_ids, attention_mask=torch.ones_like(input_ids), **how,
                 max_new_tokens=max_new_tokens, eos_token_id=eos or None,
                 pad_token_id=pad if pad is not None else (eos[0] if eos else None), **PLD_SETTINGS,
             )
@@ -124,15 +160,20 @@ def run_turn(
         lengths = recorder.lengths
         if sum(lengths) != new.numel():  # would mean transformers changed its loop: never write wrong MATs
             raise RuntimeError(f"pld recorded {sum(lengths)} accepted tokens for {new.numel()} new tokens")
-        return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, len(lengths), lengths)
+        return TurnResult(_decode(tokenizer, new), int(new.numel()), wall, len(lengths), lengths,
+                          seed=None if sampling is None else seed)
+    how = {} if sampling is None else {
+        "do_sample": True, "seed": seed,
+        **{k: v for k, v in dataclasses.asdict(sampling).items() if k != "seed" and v is not None},
+    }
     out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos,
-                   state=state)
+                   state=state, **how)
     new = out.sequences[0, input_ids.shape[1]:]
     tree_run = bool(out.accepted_by_source)
     return TurnResult(
         _decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths),
         out.accepted_by_source if tree_run else None, out.nodes_by_source if tree_run else None,
-        out.tree_sizes if tree_run else None,
+        out.tree_sizes if tree_run else None, None if sampling is None else seed,
     )
 
 
@@ -157,14 +198,17 @@ def _decode(tokenizer, ids: torch.Tensor) -> str:
 def answer_question(
     model, tokenizer, question: Question, method: str, max_new_tokens: int,
     tree: TreeTemplate | str | None, eos: list[int], model_id: str, state: DecoderState | None = None,
+    sampling: Sampling | None = None,
 ) -> dict:
-    """All turns of one question with one method, as a Spec-Bench answer record."""
+    """All turns of one question with one method, as a Spec-Bench answer record; sampled (each turn with its
+    :func:`turn_seed`) when ``sampling`` is given."""
     messages: list[dict[str, str]] = []
     turns: list[TurnResult] = []
-    for turn in question.turns:
+    for i, turn in enumerate(question.turns):
         messages.append({"role": "user", "content": turn})
+        seed = 0 if sampling is None else turn_seed(sampling.seed, question.question_id, i)
         result = run_turn(model, tokenizer, method, encode_chat(tokenizer, messages), max_new_tokens, tree, eos,
-                          state)
+                          state, sampling, seed)
         messages.append({"role": "assistant", "content": result.text})
         turns.append(result)
     return {
@@ -173,6 +217,7 @@ def answer_question(
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
         "method": method,
+        "sampling": sampling_record(sampling),  # None: greedy
         "choices": [
             {
                 "index": 0,
@@ -184,6 +229,7 @@ def answer_question(
                 "accepted_by_source": (by_source := _per_source(turns, "accepted_by_source")),
                 "nodes_by_source": _per_source(turns, "nodes_by_source"),
                 "tree_sizes": _per_step(turns, "tree_sizes"),
+                "seeds": None if sampling is None else [t.seed for t in turns],  # per turn, see turn_seed
                 # kept for readers of older runs (benchmarks/reproduce): two of the sources above
                 "jacobi_accepted": by_source["jacobi"] if by_source else None,
                 "retrieval_accepted": by_source["retrieval"] if by_source else None,
@@ -197,6 +243,7 @@ def run_questions(
     model, tokenizer, questions: Sequence[Question], methods: Sequence[str], max_new_tokens: int,
     on_question: Callable[[Question, dict[str, dict]], None],
     tree: TreeTemplate | str | None = None, model_id: str = "model", warmup: int = 1,
+    sampling: Sampling | None = None,
 ) -> None:
     """Warm up, then answer every question with every method in turn. ``on_question`` receives one
     question's records (method -> record) only once all methods have finished it, so an interruption
@@ -209,9 +256,10 @@ def run_questions(
     for q in list(questions)[:warmup]:
         short = Question(q.question_id, q.category, q.turns[:1])
         for m in methods:
-            answer_question(model, tokenizer, short, m, min(16, max_new_tokens), tree, eos, model_id, DecoderState())
+            answer_question(model, tokenizer, short, m, min(16, max_new_tokens), tree, eos, model_id, DecoderState(),
+                            sampling)
     states = {m: DecoderState() for m in methods}
     for q in questions:
-        records = {m: answer_question(model, tokenizer, q, m, max_new_tokens, tree, eos, model_id, states[m])
-                   for m in methods}
+        records = {m: answer_question(model, tokenizer, q, m, max_new_tokens, tree, eos, model_id, states[m],
+                                      sampling) for m in methods}
         on_question(q, records)

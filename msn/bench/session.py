@@ -5,9 +5,10 @@ crash) leaves every finished question on disk; the summary is then written from 
 
 The output folder is never clobbered: ``bench.json`` records the settings of the run that owns it, and a
 rerun into the same ``--out`` resumes -- it skips every question a method has already answered and
-appends the rest -- as long as model, dtype, device, tree and token budget are the same (otherwise it
-refuses, naming the setting). A non-empty folder without ``bench.json`` is refused. ``--overwrite``
-deletes only the files a bench writes, and only once the model has loaded.
+appends the rest -- as long as model, dtype, device, tree, token budget and sampling settings (greedy, or
+temperature/top-k/top-p/min-p and seed) are the same (otherwise it refuses, naming the setting). A non-empty
+folder without ``bench.json`` is refused. ``--overwrite`` deletes only the files a bench writes, and only once
+the model has loaded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from msn.bench import runner
 from msn.bench.plot import plot_speedup
 from msn.bench.questions import Question
-from msn.bench.summary import BASELINE, answers_path, summarize_dir, write_summary
+from msn.bench.summary import BASELINE, answers_path, sampling_text, summarize_dir, write_summary
+from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate, resolve_tree
 from msn.errors import InputError, MsnError
 from msn.models import parse_dtype
@@ -35,7 +37,7 @@ from msn.outputs import atomic_write_text, check_output_dir
 
 BENCH_FILE = "bench.json"  # the settings of the run that owns the folder; written before any answer
 REPORT_FILES = ("summary.json", "summary.md", "speedup.png")
-SETTINGS = ("model", "dtype", "device", "max_new_tokens", "tree")
+SETTINGS = ("model", "dtype", "device", "max_new_tokens", "tree", "sampling")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class BenchConfig:
     command: str | None = None
     threads: int | None = None  # torch intra-op threads; 1 avoids collapse on an oversubscribed CPU
     overwrite: bool = False  # replace the bench in ``out`` instead of resuming it
+    sampling: Sampling | None = None  # None: greedy
 
 
 @dataclass
@@ -94,7 +97,7 @@ def _model_key(model: str) -> str:
 
 def bench_settings(cfg: BenchConfig, device: str, tree: TreeTemplate) -> dict:
     return {"model": cfg.model, "dtype": cfg.dtype, "device": device, "max_new_tokens": cfg.max_new_tokens,
-            "tree": tree.to_dict()}
+            "tree": tree.to_dict(), "sampling": runner.sampling_record(cfg.sampling)}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -103,11 +106,21 @@ def _differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key), new.get(key)
         if key == "tree":
             a, b = _tree_record(a), _tree_record(b)
+        if key == "sampling":  # a bench recorded before sampling existed was greedy: None
+            diffs += _sampling_differences(a, b)
+            continue
         same = _model_key(str(a)) == _model_key(str(b)) if key == "model" else a == b
         if not same:
             shown = (a, b) if key != "tree" else (_tree_name(a), _tree_name(b))
             diffs.append(f"{key} {shown[0]!r} -> {shown[1]!r}")
     return diffs
+
+
+def _sampling_differences(a: dict | None, b: dict | None) -> list[str]:
+    """``temperature 0.7 -> 0.9`` for each changed sampling setting; greedy against sampled as a whole."""
+    if a is None or b is None:
+        return [] if a == b else [f"decoding {sampling_text(a)!r} -> {sampling_text(b)!r}"]
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
 
 
 def _tree_record(t):
@@ -235,6 +248,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "max_new_tokens": cfg.max_new_tokens,
+        "sampling": runner.sampling_record(cfg.sampling),
         "tree": f"{tree.name} ({tree.size} nodes)",
         "tree_template": tree.to_dict(),
         "method_order": list(cfg.methods),
@@ -280,6 +294,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
                 runner.run_questions(
                     model, tokenizer, [q for q, _ in todo[start:end]], todo[start][1], cfg.max_new_tokens,
                     on_question, tree=tree, model_id=Path(cfg.model).name, warmup=cfg.warmup if start == 0 else 0,
+                    sampling=cfg.sampling,
                 )
                 start = end
     except KeyboardInterrupt:

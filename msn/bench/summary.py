@@ -8,6 +8,11 @@ identical_rate = share of questions whose every turn's text equals the baseline'
 draft source: accepted draft tokens per step it drafted (a token several sources drafted counts for each)
 and its nodes per step in the verified tree: where the speed-up comes from. Only questions that
 every method finished count, so an interrupted run still compares like with like.
+
+A sampled bench (``sampling`` in the summary's settings) still reports identical_rate for msn's methods: they
+sample with the same per-position noise for a seed, so they should give ``ar``'s text. Methods that sample
+with a random stream of their own (``pld``, through transformers) give another sample of the same
+distribution: their identical_rate is None and the report says why instead of showing a misleading share.
 """
 
 from __future__ import annotations
@@ -22,6 +27,21 @@ from msn.errors import InputError
 
 BASELINE = "ar"
 METRICS = ("tokens_per_s", "speedup", "mat", "identical_rate")
+OWN_RANDOM_STREAM = ("pld",)  # sample through transformers' generator, not msn's coupled noise
+
+
+def sampling_text(sampling: Mapping | None) -> str:
+    """``greedy`` or ``sampled: temperature=0.7, top_p=0.9, seed=0`` (the settings that are on)."""
+    if not sampling:
+        return "greedy"
+    on = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
+    return f"sampled: {on}"
+
+
+def not_comparable(summary: Mapping) -> list[str]:
+    """Methods whose identical-to-baseline share means nothing in this summary (sampled with their own
+    random stream)."""
+    return [m for m in summary.get("methods", {}) if summary.get("sampling") and m in OWN_RANDOM_STREAM]
 
 
 def answers_path(out_dir: str | os.PathLike, method: str) -> Path:
@@ -95,7 +115,7 @@ def _by_source_per_step(recs: Sequence[dict], field: str) -> dict[str, float] | 
     return {n: sum(sum(v.get(n, [])) for v in values) / steps for n in names} if steps else None
 
 
-def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
+def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None, compare_text: bool = True) -> dict:
     speeds = [answer_speed(r) for r in recs]
     tps = sum(speeds) / len(speeds)
     mat, mat_from = _mat(recs)
@@ -117,13 +137,15 @@ def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None) -> dict:
         base_speeds = [answer_speed(r) for r in base]
         base_tps = sum(base_speeds) / len(base_speeds)
         out["speedup"] = tps / base_tps if base_tps > 0 else None
-        same = sum(_choice(r)["turns"] == _choice(b)["turns"] for r, b in zip(recs, base, strict=True))
-        out["identical_rate"] = same / len(recs)
+        if compare_text:
+            same = sum(_choice(r)["turns"] == _choice(b)["turns"] for r, b in zip(recs, base, strict=True))
+            out["identical_rate"] = same / len(recs)
     return out
 
 
 def summarize(answers: Mapping[str, Sequence[dict]], baseline: str = BASELINE, meta: Mapping | None = None) -> dict:
-    """``{"methods": {m: {"overall": {...}, "categories": {c: {...}}}}, "questions": n, ...meta}``."""
+    """``{"methods": {m: {"overall": {...}, "categories": {c: {...}}}}, "questions": n, ...meta}``. With
+    ``meta["sampling"]`` set, methods with their own random stream get no identical_rate."""
     if not answers:
         raise InputError("no answers to summarize")
     by_method = {m: {r["question_id"]: r for r in recs} for m, recs in answers.items()}
@@ -132,20 +154,25 @@ def summarize(answers: Mapping[str, Sequence[dict]], baseline: str = BASELINE, m
     categories = list(dict.fromkeys(by_method[next(iter(answers))][q]["category"] for q in common))
     has_base = baseline in by_method
     methods: dict[str, dict] = {}
+    sampled = bool((meta or {}).get("sampling"))
     if common:
         for m, recs in by_method.items():
             def pick(qids, recs=recs):
                 return [recs[q] for q in qids]
 
             base = by_method[baseline] if has_base else None
-            entry = {"overall": _group_stats(pick(common), pick(common, base) if base else None), "categories": {}}
+            text = not (sampled and m in OWN_RANDOM_STREAM)
+            entry = {"overall": _group_stats(pick(common), pick(common, base) if base else None, text),
+                     "categories": {}}
             for cat in categories:
                 qids = [q for q in common if recs[q]["category"] == cat]
-                entry["categories"][cat] = _group_stats(pick(qids), pick(qids, base) if base else None)
+                entry["categories"][cat] = _group_stats(pick(qids), pick(qids, base) if base else None, text)
             methods[m] = entry
     summary = dict(meta or {})
     summary.update({"baseline": baseline if has_base else None, "questions": len(common),
                     "categories": categories, "methods": methods})
+    if sampled:
+        summary["identical_not_comparable"] = not_comparable(summary)
     return summary
 
 
@@ -162,13 +189,15 @@ def overall_table(summary: Mapping) -> str:
     base = summary.get("baseline") or BASELINE
     lines = [f"| method | tokens/s | speedup | MAT | identical to {base} | accepted drafts per step by source "
              "(nodes per step) |", "|---|---:|---:|---:|---:|---|"]
+    own_stream = not_comparable(summary)
     for m, e in summary["methods"].items():
         o = e["overall"]
         sources = _sources_cell(o)
+        same = ("– (own random stream)" if m in own_stream else
+                _fmt(None if o['identical_rate'] is None else 100 * o['identical_rate'], '.0f', '%'))
         lines.append(
             f"| {m} | {_fmt(o['tokens_per_s'], '.1f')} | {_fmt(o['speedup'], '.2f', 'x')} | "
-            f"{_fmt(o['mat'], '.2f')} | {_fmt(None if o['identical_rate'] is None else 100 * o['identical_rate'], '.0f', '%')} "
-            f"| {sources} |"
+            f"{_fmt(o['mat'], '.2f')} | {same} | {sources} |"
         )
     return "\n".join(lines)
 
@@ -197,7 +226,7 @@ def category_table(summary: Mapping) -> str:
 
 def to_markdown(summary: Mapping) -> str:
     title = f"# msn bench: {summary.get('model', '?')} ({summary.get('dtype', '?')}, {summary.get('device', '?')})"
-    info = []
+    info = [f"- decoding: {sampling_text(summary.get('sampling'))}"] if "sampling" in summary else []
     for key, label in (("command", "command"), ("questions", "questions"), ("max_new_tokens", "max new tokens"),
                        ("tree", "tree"), ("device_name", "device"), ("torch_threads", "torch threads"),
                        ("started", "started"), ("finished", "finished"),
@@ -213,11 +242,26 @@ def to_markdown(summary: Mapping) -> str:
              "MAT = mean accepted tokens per decoding step, bonus token included (Spec-Bench conventions); "
              "accepted drafts per step by source = accepted draft tokens per step each source drafted (a token "
              "several sources drafted counts for each), in brackets that source's draft nodes per step.", ""]
+    if summary.get("sampling"):
+        parts += [_sampling_note(summary), ""]
     approx = [m for m, e in summary["methods"].items() if e["overall"].get("mat_from") == "steps"]
     if approx:
         parts += [f"MAT of {', '.join(approx)}: new tokens / forward passes (its answer files record no "
                   "per-step accept lengths), an approximation.", ""]
     return "\n".join(parts)
+
+
+def _sampling_note(summary: Mapping) -> str:
+    base = summary.get("baseline") or BASELINE
+    note = (f"Sampled: each turn of a question has its own seed, derived from the run's seed, the same for every "
+            f"method; msn's methods sample with one coupled noise per position, so for a seed each should give "
+            f"{base}'s text (the identical column; exactly so in fp32, while in bf16/fp16 a tree forward can "
+            f"move a near-tie, as in greedy decoding).")
+    own = not_comparable(summary)
+    if own:
+        note += (f" {', '.join(own)} samples through transformers with its own random stream: its text is another "
+                 f"sample of the same distribution, so its identical share is not reported.")
+    return note
 
 
 def write_summary(out_dir: str | os.PathLike, summary: Mapping) -> None:
@@ -230,8 +274,12 @@ def print_report(summary: dict, out: Path, file=None) -> None:
     """What ``msn bench`` and ``msn demo`` print at the end: the tables, then where the report is."""
     file = file or sys.stdout
     print(f"\n{summary.get('model')} ({summary.get('dtype')}, {summary.get('device')}), "
-          f"{summary['questions']} questions, status: {summary.get('status')}\n", file=file)
+          f"{summary['questions']} questions, {sampling_text(summary.get('sampling'))}, "
+          f"status: {summary.get('status')}\n", file=file)
     print(overall_table(summary), file=file)
+    if summary.get("sampling") and not_comparable(summary):
+        print(f"({', '.join(not_comparable(summary))}: sampled by transformers with its own random stream, so its "
+              "text is not expected to equal ar's)", file=file)
     print("\nper category: speedup vs ar (tokens/s, MAT)\n", file=file)
     print(category_table(summary), file=file)
     print(f"\nreport: {out / 'summary.md'}  (summary.json, speedup.png, answers/*.jsonl)", file=file)

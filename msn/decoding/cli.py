@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msn.bench.flags import add_sampling_arguments, sampling_kwargs
 from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
 
@@ -39,24 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
-    samp = p.add_argument_group("sampling (any of these samples instead of greedy decoding; exact, seeded)")
-    samp.add_argument("--temperature", type=float, default=None, help="e.g. 0.7 (default: greedy)")
-    samp.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.9")
-    samp.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    samp.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
-    samp.add_argument("--seed", type=int, default=0, help="same seed, same text for every method (default: 0)")
-
-
-def sampling_kwargs(args) -> dict:
-    """``do_sample`` plus the given settings, checked (one clear error) before any model loads."""
-    from msn.decoding.sampling import sampling_from
-
-    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not given:
-        return {}
-    sampling_from(given, seed=args.seed)  # validates
-    return {"do_sample": True, **given}
+    add_sampling_arguments(p)
 
 
 def _read_prompt(args) -> str:
