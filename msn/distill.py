@@ -164,14 +164,16 @@ def _now() -> str:
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def generate_batch(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, eos: Sequence[int],
-                   pad_id: int) -> list[dict]:
-    """Greedy answers for a batch: left-padded, one ``model.generate`` call, cut at the first EOS."""
+def greedy_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, eos: Sequence[int],
+                 pad_id: int) -> list[tuple[list[int], list[int], bool]]:
+    """Greedy answers for a batch of user prompts: left-padded, one ``model.generate`` call.
+
+    Returns ``(prompt ids, answer ids cut before the first EOS, finished)`` per prompt."""
     import torch
 
     from msn.prompting import encode_prompt
 
-    ids = [encode_prompt(tokenizer, p.text)[0] for p in prompts]
+    ids = [encode_prompt(tokenizer, t)[0] for t in texts]
     width = max(len(x) for x in ids)
     batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(batch)
@@ -181,14 +183,20 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: 
     with torch.inference_mode():
         seqs = model.generate(batch.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                               do_sample=False, eos_token_id=list(eos), pad_token_id=pad_id)
-    records = []
-    for p, x, row in zip(prompts, ids, seqs[:, width:].tolist(), strict=True):
+    out = []
+    for x, row in zip(ids, seqs[:, width:].tolist(), strict=True):
         cut = next((i for i, t in enumerate(row) if t in eos), None)
-        new = row if cut is None else row[:cut]
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        records.append({"prompt": p.text, "response": text, "key": p.key, "finished": cut is not None,
-                        "prompt_tokens": len(x), "new_tokens": len(new)})
-    return records
+        out.append((x.tolist(), row if cut is None else row[:cut], cut is not None))
+    return out
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, eos: Sequence[int],
+                   pad_id: int) -> list[dict]:
+    """The distill records of a batch of prompts."""
+    answers = greedy_batch(model, tokenizer, [p.text for p in prompts], max_new_tokens, eos, pad_id)
+    return [{"prompt": p.text, "response": tokenizer.decode(new, skip_special_tokens=True), "key": p.key,
+             "finished": finished, "prompt_tokens": len(x), "new_tokens": len(new)}
+            for p, (x, new, finished) in zip(prompts, answers, strict=True)]
 
 
 def _chunks(prompts: list[Prompt], lengths: list[int], batch_size: int) -> Iterator[list[Prompt]]:

@@ -26,15 +26,16 @@ def counting_rows(n: int, length: int, prompt: str = "Count from {i}.") -> list[
     return [{"prompt": prompt.format(i=i), "response": " ".join(str(i + j) for j in range(length))} for i in range(n)]
 
 
-def save_tiny_chat_model(path: Path, tok, seed: int = 0) -> Path:
+def save_tiny_chat_model(path: Path, tok, seed: int = 0, tied: bool = True) -> Path:
     """A 2-layer random Llama with ``tok``'s vocabulary and special ids, saved with ``tok`` (its chat template
-    included) as a normal HF model folder."""
+    included) as a normal HF model folder. ``tied=False``: untied output embeddings, so the random model does
+    not just repeat its input token (and two seeds write different text)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256,
+        num_key_value_heads=1, tie_word_embeddings=tied, max_position_embeddings=256,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""``msn distill``: greedy self-answers that ``msn train --data`` reads as is, resumable, with a sidecar."""
+"""``msn distill``: greedy self-answers that ``msn train --data`` reads as is, resumable, with a sidecar; and
+``msn eval --task agreement``, which regenerates them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_chat_model
 
 from msn import distill as distill_mod
 from msn.cli import main
@@ -16,27 +18,9 @@ from msn.models import load_model
 
 
 @pytest.fixture(scope="module")
-def tiny_chat_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from msn.errors import MsnError
-    from msn.models import preset_path
-
-    try:
-        tok = AutoTokenizer.from_pretrained(preset_path("smollm2-135m"))
-    except MsnError as e:  # pragma: no cover
-        pytest.skip(str(e))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def writer(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """Untied output embeddings: answers that differ per prompt (a tied random model repeats its input)."""
+    return save_tiny_chat_model(tmp_path_factory.mktemp("writer") / "model", smollm2_tokenizer, tied=False)
 
 
 @pytest.fixture
@@ -65,15 +49,16 @@ def common(model, prompts, out, **kw):
     return [x for k, v in args.items() for x in (k, v)]
 
 
-def test_answers_are_the_models_greedy_tokens_and_train_reads_them(tmp_path, tiny_chat_dir, prompts, capsys):
+def test_answers_are_the_models_greedy_tokens_and_train_reads_them(tmp_path, writer, prompts, capsys):
     from msn.prompting import encode_prompt
 
     out = tmp_path / "d.jsonl"
-    rc, _ = run(common(tiny_chat_dir, prompts, out), capsys)
+    rc, _ = run(common(writer, prompts, out), capsys)
     assert rc == 0
     recs = lines(out)
+    assert len({r["response"] for r in recs}) > 1
     assert [r["prompt"] for r in recs] != [] and len(recs) == 6 and len({r["key"] for r in recs}) == 6
-    model, tok = load_model(str(tiny_chat_dir), dtype="fp32")
+    model, tok = load_model(str(writer), dtype="fp32")
     for r in recs:  # batched with left padding = each prompt alone (fp32)
         ids = encode_prompt(tok, r["prompt"])
         alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
@@ -87,7 +72,7 @@ def test_answers_are_the_models_greedy_tokens_and_train_reads_them(tmp_path, tin
     assert [m["role"] for m in got[0].messages] == ["user", "assistant"]
 
 
-def test_interrupted_and_torn_runs_resume_without_redoing_or_losing(tmp_path, tiny_chat_dir, prompts, capsys,
+def test_interrupted_and_torn_runs_resume_without_redoing_or_losing(tmp_path, tiny_dir, prompts, capsys,
                                                                    monkeypatch):
     out = tmp_path / "d.jsonl"
     real, calls = distill_mod.generate_batch, []
@@ -99,55 +84,55 @@ def test_interrupted_and_torn_runs_resume_without_redoing_or_losing(tmp_path, ti
         return real(*a, **kw)
 
     monkeypatch.setattr(distill_mod, "generate_batch", flaky)
-    rc, err = run(common(tiny_chat_dir, prompts, out), capsys)
+    rc, err = run(common(tiny_dir, prompts, out), capsys)
     assert rc == 130 and "interrupted" in err
     first = lines(out)
     assert len(first) == 4  # the finished batch is on disk
     monkeypatch.setattr(distill_mod, "generate_batch", real)
     with open(out, "a") as f:
         f.write('{"prompt": "torn')  # killed mid-write
-    assert run(common(tiny_chat_dir, prompts, out), capsys)[0] == 0
+    assert run(common(tiny_dir, prompts, out), capsys)[0] == 0
     recs = lines(out)
     assert recs[:4] == first and len(recs) == 6 and len({r["key"] for r in recs}) == 6
     before = out.read_bytes()
-    assert run(common(tiny_chat_dir, prompts, out), capsys)[0] == 0  # nothing left to do
+    assert run(common(tiny_dir, prompts, out), capsys)[0] == 0  # nothing left to do
     assert out.read_bytes() == before
 
 
-def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, tiny_chat_dir, prompts, capsys):
+def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, tiny_dir, prompts, capsys):
     out = tmp_path / "d.jsonl"
-    rc, err = run(common(tiny_chat_dir, tmp_path / "missing.jsonl", out), capsys)
+    rc, err = run(common(tiny_dir, tmp_path / "missing.jsonl", out), capsys)
     assert rc == 2 and "missing.jsonl: prompt file not found" in err and not out.exists()
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
-    rc, err = run(common(tiny_chat_dir, empty, out), capsys)
+    rc, err = run(common(tiny_dir, empty, out), capsys)
     assert rc == 2 and "empty.jsonl:2: empty prompt (field 'prompt')" in err
 
     none = tmp_path / "none.jsonl"
     none.write_text("\n")
-    rc, err = run(common(tiny_chat_dir, none, out), capsys)
+    rc, err = run(common(tiny_dir, none, out), capsys)
     assert rc == 2 and "no usable prompts" in err
 
-    rc, err = run(common(tiny_chat_dir, prompts, out, **{"--limit": 0}), capsys)
+    rc, err = run(common(tiny_dir, prompts, out, **{"--limit": 0}), capsys)
     assert rc == 2 and "--limit" in err
 
     mine = tmp_path / "mine.jsonl"
     mine.write_text("my own notes\n")
-    rc, err = run(common(tiny_chat_dir, prompts, mine), capsys)
+    rc, err = run(common(tiny_dir, prompts, mine), capsys)
     assert rc == 2 and "not an msn distill output" in err and mine.read_text() == "my own notes\n"
 
-    assert run(common(tiny_chat_dir, prompts, out), capsys)[0] == 0
+    assert run(common(tiny_dir, prompts, out), capsys)[0] == 0
     before = out.read_bytes()
-    rc, err = run(common(tiny_chat_dir, prompts, out, **{"--max-new-tokens": 9}), capsys)
+    rc, err = run(common(tiny_dir, prompts, out, **{"--max-new-tokens": 9}), capsys)
     assert rc == 2 and "other settings (max_new_tokens 6 -> 9)" in err and out.read_bytes() == before
 
 
-def test_a_model_without_chat_template_is_refused(tmp_path, tiny_chat_dir, prompts, capsys):
+def test_a_model_without_chat_template_is_refused(tmp_path, tiny_dir, prompts, capsys):
     import shutil
 
     plain = tmp_path / "plain"
-    shutil.copytree(tiny_chat_dir, plain)
+    shutil.copytree(tiny_dir, plain)
     cfg_path = plain / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("chat_template", None)
@@ -156,3 +141,36 @@ def test_a_model_without_chat_template_is_refused(tmp_path, tiny_chat_dir, promp
         extra.unlink()
     rc, err = run(common(plain, prompts, tmp_path / "d.jsonl"), capsys)
     assert rc == 2 and "no chat template" in err
+
+
+def test_agreement_is_one_for_the_model_that_wrote_the_answers_and_less_for_another(tmp_path, prompts, writer,
+                                                                                    smollm2_tokenizer, capsys):
+    from msn.eval.agreement import common_prefix
+
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+    out = tmp_path / "d.jsonl"
+    other = save_tiny_chat_model(tmp_path / "other", smollm2_tokenizer, seed=1, tied=False)
+    assert run(common(writer, prompts, out), capsys)[0] == 0
+    results = {}
+    for name, model in (("self", writer), ("other", other)):
+        res = tmp_path / f"{name}.json"
+        rc = main(["eval", "--task", "agreement", "--model", str(model), "--data", str(out), "--split", "all",
+                   "--out", str(res)])
+        assert rc == 0
+        results[name] = json.loads(res.read_text())
+    assert results["self"]["exact"] == 1.0 and results["self"]["prefix"] == 1.0 and results["self"]["samples"] == 6
+    assert results["other"]["prefix"] < 0.5 and results["other"]["exact"] < 1.0
+
+
+def test_heldout_split_of_a_file_is_the_part_train_leaves_out(tmp_path, tiny_dir, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(100)))
+    held = {r.key for r in iter_records(rows, "heldout")}
+    train = {r.key for r in iter_records(rows, "train")}
+    assert held and not held & train and len(held) + len(train) == 100
+    res = tmp_path / "agree.json"
+    rc = main(["eval", "--task", "agreement", "--model", str(tiny_dir), "--data", str(rows), "--split", "heldout",
+               "--out", str(res)])
+    assert rc == 0 and json.loads(res.read_text())["samples"] == len(held)
+    rc = main(["eval", "--task", "agreement", "--model", str(tiny_dir), "--data", str(rows), "--split", "nope"])
+    assert rc == 2 and "--split" in capsys.readouterr().err

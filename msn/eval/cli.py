@@ -1,4 +1,5 @@
-"""``msn eval``: one command for the quality side -- denoising accuracy, held-out loss, HumanEval pass@1."""
+"""``msn eval``: one command for the quality side -- denoising accuracy, held-out loss, greedy agreement with
+the answers in a data file (the base model's own, for ``msn distill`` data), HumanEval pass@1."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from typing import Any
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL
 
-TASKS = ("denoise", "heldout-loss", "humaneval")
+TASKS = ("denoise", "heldout-loss", "agreement", "humaneval")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, local folder (a run's --output) or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--task", required=True, help="denoise | heldout-loss | humaneval")
-    p.add_argument("--data", default="stdlib-code", help="denoise / heldout-loss: built-in name (its held-out split) or a JSONL file (all of it)")
+    p.add_argument("--task", required=True, help="denoise | heldout-loss | agreement | humaneval")
+    p.add_argument("--data", default="stdlib-code",
+                   help="denoise / heldout-loss / agreement: built-in name or a JSONL file (see --split)")
+    p.add_argument("--split", default=None, choices=["heldout", "all"],
+                   help="which records of --data: heldout (the split msn train leaves out) or all (default: "
+                        "heldout for a built-in name, all for a file; use heldout for a file you trained on)")
     p.add_argument("--method", default="ar", help="humaneval: decoding method (ar, jacobi, retrieval, tr-jacobi)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N samples / problems")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
@@ -43,7 +48,17 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
         )
     from msn.data import BUILTIN_DATASETS, build_dataset
 
-    split = "heldout" if args.data in BUILTIN_DATASETS else "all"
+    split = args.split or ("heldout" if args.data in BUILTIN_DATASETS else "all")
+    if args.task == "agreement":
+        from itertools import islice
+
+        from msn.data import iter_records
+        from msn.eval.agreement import greedy_agreement
+
+        records = list(islice(iter_records(args.data, split), args.limit))
+        if not records:
+            raise InputError(f"no {split} records to compare with", where=str(args.data))
+        return {"split": split, **greedy_agreement(model, tokenizer, records, args.batch_size)}
     ds = build_dataset(args.data, tokenizer, split, args.max_length, args.limit)
     if args.task == "denoise":
         from msn.eval.denoise import denoise_accuracy
