@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from msn.clock import now
 from msn.errors import InputError, MsnError
 
 PROMPT_SOURCES = ("sharegpt", "stdlib-code")
@@ -153,12 +154,8 @@ def _write_meta(out: Path, settings: dict, counts: dict, started: str) -> None:
     from msn.outputs import atomic_write_text
 
     body = {"kind": "msn-distill", "msn": __version__, "settings": settings, "counts": counts,
-            "started": started, "updated": _now()}
+            "started": started, "updated": now()}
     atomic_write_text(meta_path(out), json.dumps(body, indent=2) + "\n")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -243,7 +240,7 @@ def distill(model, tokenizer, prompts_source: str, out: Path, settings: dict, li
     if seen == 0:
         raise InputError(f"no usable prompts (skipped {skipped_long} longer than --max-prompt-tokens)",
                          where=prompts_source)
-    started = _now()
+    started = now()
     if meta_path(out).is_file():
         started = json.loads(meta_path(out).read_text(encoding="utf-8")).get("started", started)
     counts = {"prompts": seen, "answered": seen - len(todo), "skipped_long_prompts": skipped_long}

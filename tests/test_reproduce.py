@@ -22,6 +22,7 @@ DRIVER = REPO / "benchmarks" / "reproduce" / "run.py"
 
 
 def load_driver():
+    """run.py as a module; its neighbours budgets.py and report.py are then importable as ``budgets``/``report``."""
     spec = importlib.util.spec_from_file_location("reproduce_run", DRIVER)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["reproduce_run"] = mod
@@ -191,7 +192,7 @@ def test_training_uses_every_core_and_benches_their_own_threads(tmp_path, monkey
     drv = load_driver()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     groups = drv.budget("toy")[:1]
-    groups[0].variants = [drv.SFT]
+    groups[0].variants = [sys.modules["budgets"].SFT]
     stages = drv.plan(groups, tmp_path, "q.jsonl", 1, None, False)
     seen: dict[str, str | None] = {}
 
@@ -303,21 +304,22 @@ def test_skip_stale_and_blocked_stages(tmp_path, monkeypatch):
 
 def test_paired_per_question_comparison(tmp_path):
     """MAT per question from answer files, then paired differences with a bootstrap interval."""
-    drv = load_driver()
+    load_driver()
+    rep = sys.modules["report"]
     answers = tmp_path / "jacobi.jsonl"
     rows = [{"question_id": 1, "choices": [{"new_tokens": [8, 4], "decoding_steps": [4, 2],
                                             "jacobi_accepted": [1, 0, 0, 1, 1, 0]}]},
             {"question_id": 2, "choices": [{"new_tokens": [9], "decoding_steps": [9]}]}]
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    assert drv._per_question_mat(answers) == {"1": 2.0, "2": 1.0}
-    assert drv._per_question_mat(answers, "jacobi_accepted") == {"1": 0.5}  # q2 predates the per-source counts
-    assert drv._per_question_mat(tmp_path / "missing.jsonl") == {}
+    assert rep._per_question_mat(answers) == {"1": 2.0, "2": 1.0}
+    assert rep._per_question_mat(answers, "jacobi_accepted") == {"1": 0.5}  # q2 predates the per-source counts
+    assert rep._per_question_mat(tmp_path / "missing.jsonl") == {}
 
     a = {str(i): 1.5 + 0.01 * i for i in range(20)}
     b = {str(i): 1.4 for i in range(20)} | {"extra": 9.0}  # only shared questions count
-    r = drv.paired(a, b)
+    r = rep.paired(a, b)
     assert r["n"] == 20 and r["wins"] == 20 and r["losses"] == 0
     assert r["ci95"][0] <= r["mean"] <= r["ci95"][1] and r["ci95"][0] > 0
-    flipped = drv.paired(b, a)
+    flipped = rep.paired(b, a)
     assert flipped["mean"] == pytest.approx(-r["mean"]) and flipped["losses"] == 20
-    assert drv.paired({"1": 1.0}, {"2": 1.0}) is None
+    assert rep.paired({"1": 1.0}, {"2": 1.0}) is None

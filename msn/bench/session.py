@@ -31,6 +31,7 @@ from msn.bench.questions import Question
 from msn.bench.summary import BASELINE, answers_path, sampling_text, summarize_dir, write_summary
 from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate, resolve_tree
+from msn.clock import load_average, now
 from msn.errors import InputError, MsnError
 from msn.models import parse_dtype
 from msn.outputs import atomic_write_text, check_output_dir
@@ -232,7 +233,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     if mode == "resume":
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             runs = list(json.loads((out / BENCH_FILE).read_text(encoding="utf-8")).get("runs", []))
-    runs.append({"started": _now(), "command": cfg.command, "methods": list(cfg.methods)})
+    runs.append({"started": now(), "command": cfg.command, "methods": list(cfg.methods)})
     atomic_write_text(out / BENCH_FILE, json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
     done_ids = {m: answered(answers_path(out, m)) for m in cfg.methods}
     todo = [(q, [m for m in cfg.methods if _qid_key(q.question_id) not in done_ids[m]]) for q in cfg.questions]
@@ -253,8 +254,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
         "tree_template": tree.to_dict(),
         "method_order": list(cfg.methods),
         "command": cfg.command,
-        "started": _now(),
-        "load_average_start": _load_average(),
+        "started": now(),
+        "load_average_start": load_average(),
         "torch": torch.__version__,
     }
     speeds: dict[str, list[float]] = {m: [] for m in cfg.methods}
@@ -302,8 +303,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     finally:
         for f in files.values():
             f.close()
-    meta["finished"] = _now()
-    meta["load_average_end"] = _load_average()
+    meta["finished"] = now()
+    meta["load_average_end"] = load_average()
     finished = len(cfg.questions) - len(todo) + done
     meta["status"] = (
         f"interrupted: {finished} of {len(cfg.questions)} questions finished" if interrupted else "complete"
@@ -318,18 +319,6 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
         with contextlib.suppress(FileNotFoundError):
             (out / "speedup.png").unlink()
     return BenchResult(summary, interrupted, out)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _load_average() -> float | None:
-    """1-minute load: on a shared machine, the context every timing needs."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def command_line() -> str | None:
