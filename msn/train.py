@@ -365,6 +365,7 @@ def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: No
         "data": {
             "spec": cfg.data,
             "train_samples": len(train_set),
+            "train_tokens": train_set.num_tokens(),  # per epoch, after --max-length
             "heldout_samples": len(held) if held is not None else 0,
             "max_length": cfg.max_length,
             "dropped": train_set.dropped,
@@ -372,6 +373,7 @@ def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: No
         "noise": noise.to_dict(),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
+        "tokens_seen": round((trainer.state.epoch or 0) * train_set.num_tokens()),  # what "a 1M-token run" counts
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,

@@ -187,6 +187,62 @@ def test_budget_plans_compare_like_with_like(tmp_path):
     assert cpu["code"].model == "qwen2.5-coder-0.5b" and cpu["code"].lora and cpu["code"].humaneval
 
 
+def test_distill_budget_trains_and_scores_on_the_base_models_own_answers(tmp_path):
+    """Issue 11: one distill stage per (model, prompts), shared by groups; every training needs it, quality is
+    scored on the distilled file's held-out split, and greedy agreement with the base is measured."""
+    drv = load_driver()
+    out = tmp_path / "d"
+    groups = drv.budget("distill")
+    stages = drv.plan(groups, out, "q.jsonl", 1, None, False)
+    distills = [s for s in stages if s.argv[0] == "distill"]
+    assert [s.id for s in distills] == ["distill:smollm2-135m-sharegpt", "distill:qwen2.5-coder-0.5b-stdlib-code"]
+    by_id = {s.id: s for s in stages}
+    smol = out / "distill" / "smollm2-135m-sharegpt.jsonl"
+    for s in stages:
+        if s.kind == "train" and s.argv[0] == "train":
+            assert s.needs in by_id and by_id[s.needs].argv[0] == "distill"
+            assert s.argv[s.argv.index("--data") + 1] == str(by_id[s.needs].output).removesuffix(".meta.json")
+        if s.argv[:1] == ["eval"] and "humaneval" not in s.argv:
+            assert s.argv[s.argv.index("--split") + 1] == "heldout"
+    general = [s for s in stages if s.variant_id.startswith("general-")]
+    assert {s.argv[s.argv.index("--data") + 1] for s in general if "--data" in s.argv} == {str(smol)}
+    assert {s.id for s in stages if s.id.endswith(":agreement")} >= {
+        "quality:general-base:agreement", "quality:general-sft:agreement", "quality:general-msn-L4x4:agreement"}
+    trains = [s for s in stages if s.id.startswith("train:general-")]
+    steps = {int(s.argv[s.argv.index("--max-steps") + 1]) * int(s.argv[s.argv.index("--batch-size") + 1])
+             for s in trains}
+    assert steps == {760 * 8}  # same budget for SFT and MSN: ~2 epochs of ~3040 samples of ~167 tokens
+
+    meta = smol.with_name(smol.name + ".meta.json")
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"counts": {"prompts": 10, "answered": 9}}))
+    assert not drv.distill_done(meta)
+    meta.write_text(json.dumps({"counts": {"prompts": 10, "answered": 10}}))
+    assert drv.distill_done(meta)
+
+
+def test_issue11_targets_are_judged_from_paired_results():
+    drv = load_driver()
+    rep = sys.modules["report"]
+    g = next(g for g in drv.budget("distill") if g.name == "general")
+
+    def entry(loss, jacobi_mat, by_jacobi, agree):
+        return {"quality": {"heldout-loss": {"loss": loss}, "agreement": {"exact": agree}},
+                "speed": {"overall": {"jacobi": {"mat": jacobi_mat},
+                                      "tr-jacobi": {"jacobi_per_step": by_jacobi}}}}
+
+    variants = {"general-sft": entry(1.00, 1.2, 0.10, 0.5), "general-msn-L4x4": entry(1.01, 1.7, 0.25, 0.45)}
+    fast = {"general-msn-L4x4": {"ratio": 1.2, "diff": {"mean": 3.0, "ci95": (1.0, 5.0), "wins": 20, "losses": 6,
+                                                        "n": 26}}}
+    rows = rep._issue11_targets(g, variants, {"tps_vs_sft": {"general": fast}}, variants["general-sft"])
+    assert [r["holds"] for r in rows] == ["yes", "yes", "yes", "yes"]
+    variants["general-msn-L4x4"] = entry(1.02, 1.5, 0.15, 0.45)
+    fast["general-msn-L4x4"]["diff"]["ci95"] = (-1.0, 5.0)
+    rows = rep._issue11_targets(g, variants, {"tps_vs_sft": {"general": fast}}, variants["general-sft"])
+    assert [r["holds"] for r in rows] == ["no", "no", "no", "no"]
+    assert rep.ratio_vs({"1": 20.0, "2": 30.0}, {"1": 10.0, "3": 1.0})["ratio"] == 2.0
+
+
 def test_training_uses_every_core_and_benches_their_own_threads(tmp_path, monkeypatch):
     """Stages run one at a time: training/eval get torch's default threads, benchmarks the fixed --threads."""
     drv = load_driver()

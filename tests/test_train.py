@@ -132,6 +132,8 @@ def test_final_save_metadata_eval_metrics_and_plain_sft(tmp_path, tiny_dir, data
     saved = json.loads((out / "msn.json").read_text())
     assert saved["noise"]["type"] == "none" and saved["steps"] == 2 and saved["data"]["spec"] == str(data_file)
     assert saved["seed"] == 0 and "transformers" in saved["versions"]
+    per_epoch = saved["data"]["train_tokens"]
+    assert per_epoch > 0 and saved["tokens_seen"] == round(saved["epochs"] * per_epoch)
     for k in range(4):
         assert 0.0 <= saved["metrics"][f"eval_denoise_acc_{k}"] <= 1.0
     assert "eval_loss" in saved["metrics"] and meta["metrics"] == saved["metrics"]

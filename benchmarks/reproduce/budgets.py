@@ -64,6 +64,13 @@ class Group:
     warmup: int = 1
     ablation: bool = False  # the noise-length ablation runs in this group
     ablation_segments: int = 1  # ... over the MSN variants with this many segments per sample
+    distill: dict[str, Any] | None = None  # msn distill flags: train on the base model's own answers (issue 11)
+    agreement_limit: int = 64  # held-out prompts for greedy agreement with the base model (distilled groups)
+
+    @property
+    def distill_key(self) -> str:
+        """Groups with the same base model and prompts share one distilled file."""
+        return f"{Path(self.model).name}-{Path(str((self.distill or {}).get('prompts', ''))).stem}"
 
 
 def _train(steps: int, batch: int, accum: int, lr: float, warmup: int, max_length: int, eval_steps: int,
@@ -71,6 +78,12 @@ def _train(steps: int, batch: int, accum: int, lr: float, warmup: int, max_lengt
     return dict(max_steps=steps, batch_size=batch, grad_accum=accum, lr=lr, warmup_steps=warmup,
                 max_length=max_length, eval_steps=eval_steps, save_steps=save_steps, eval_samples=eval_samples,
                 logging_steps=logging_steps, bf16=bf16, seed=0)
+
+
+def _distill(prompts: str, limit: int, max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 16,
+             dtype: str = "bf16") -> dict[str, Any]:
+    return dict(prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                batch_size=batch_size, dtype=dtype)
 
 
 def budget(name: str) -> list[Group]:
@@ -108,5 +121,24 @@ def budget(name: str) -> list[Group]:
                   _train(2000, 16, 1, 2e-5, 50, 1024, 200, 200, 256, 20),
                   eval_limit=512, eval_max_length=1024, humaneval=True, humaneval_limit=None,
                   humaneval_max_new_tokens=512, per_category=10, max_new_tokens=256, warmup=2),
+        ]
+    if name == "distill":  # issue 11: self-distilled data, >= 1M training tokens, on a 2-core CPU (hours)
+        # SmolLM2's distilled samples average ~167 tokens (prompt ~57 with the system line, answer ~110), so
+        # 3200 prompts leave ~3040 training samples = ~0.51M tokens; 760 steps of 8 = 2 epochs = ~1.0M tokens.
+        general = _distill("sharegpt", 3200, 128, 128)
+        general_train = _train(760, 8, 1, 5e-5, 20, 256, 190, 50, 64, 10)
+        # The ablation budget of issue 11: today's ~0.25M tokens (190 steps) on the same distilled data.
+        ablation_train = _train(190, 8, 1, 5e-5, 10, 256, 95, 50, 64, 10)
+        common = dict(eval_limit=128, eval_max_length=256, per_category=2, max_new_tokens=128)
+        return [
+            Group("general", "smollm2-135m", "sharegpt", [BASE, SFT, msn(4, 4)], general_train,
+                  distill=general, **common),
+            Group("ablation", "smollm2-135m", "sharegpt", [SFT, msn(1, 4), msn(4, 4), msn(8, 4), msn(4)],
+                  ablation_train, distill=general, ablation=True, ablation_segments=4, **common),
+            Group("code", "qwen2.5-coder-0.5b", "stdlib-code", [BASE, SFT, msn(4, 4)],
+                  _train(600, 4, 2, 2e-4, 20, 320, 150, 50, 64, 10), lora=True, lora_r=16,
+                  distill=_distill("stdlib-code", 2400, 192, 128, batch_size=8), humaneval=True,
+                  humaneval_max_new_tokens=256, eval_limit=128, eval_max_length=320, per_category=1,
+                  max_new_tokens=128),
         ]
     raise ValueError(f"unknown budget {name!r}")

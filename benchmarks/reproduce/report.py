@@ -70,7 +70,7 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
                 stamp = read_json(out / "stamps" / f"train_{vid}.json")
                 entry["train"]["seconds"] = stamp.get("seconds") if isinstance(stamp, dict) else None
                 entry["train"]["log"] = _train_log(read_json(qdir / "train_log.json"))
-            for task in ("heldout-loss", "denoise", "humaneval"):
+            for task in ("heldout-loss", "denoise", "agreement", "humaneval"):
                 res = read_json(qdir / f"{task}.json")
                 if isinstance(res, dict):
                     res.pop("results", None)  # per-problem detail stays in the file
@@ -88,6 +88,8 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
                     "per_question_mat": {m: _per_question_mat(bdir / "answers" / f"{m}.jsonl")
                                          for m in summ["methods"]},
                 }
+                entry["speed"]["per_question_tps"] = {m: _per_question_tps(bdir / "answers" / f"{m}.jsonl")
+                                                      for m in summ["methods"]}
                 by_jacobi = _per_question_mat(bdir / "answers" / "tr-jacobi.jsonl", "jacobi_accepted")
                 if by_jacobi:  # benches before the per-source counts existed have none
                     entry["speed"]["per_question_mat"][BY_JACOBI] = by_jacobi
@@ -110,6 +112,27 @@ def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, fl
                     value = sum(c["new_tokens"]) / sum(c["decoding_steps"])
                 out[str(rec["question_id"])] = value
     return out
+
+
+def _per_question_tps(path: Path) -> dict[str, float]:
+    """question_id -> new tokens / wall seconds over all turns of one answer file."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
+                c = json.loads(line)["choices"][0]
+                out[str(json.loads(line)["question_id"])] = sum(c["new_tokens"]) / sum(c["wall_time"])
+    return out
+
+
+def ratio_vs(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
+    """Per question a / b (tokens/s of two models on the same question): the ratio of the means and the paired
+    difference a - b with its bootstrap interval (does the speed difference exceed question-to-question noise?)."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    diff = paired({k: a[k] for k in keys}, {k: b[k] for k in keys})
+    return {"ratio": sum(a[k] for k in keys) / sum(b[k] for k in keys), "diff": diff}
 
 
 def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict[str, Any] | None:
@@ -166,6 +189,7 @@ def _noise_label(entry: dict) -> str:
 
 def tables(groups: Sequence[Group], variants: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"side_by_side": {}, "decoders": {}, "noise_length_ablation": [], "paired_vs_sft": {},
+                           "tps_vs_sft": {},
                            "retrieval_ablation": {}, "claims": [], "training_curves": {}, "bench_runs": []}
     for g in groups:
         rows = []
@@ -180,6 +204,7 @@ def tables(groups: Sequence[Group], variants: dict[str, Any]) -> dict[str, Any]:
                 "denoise_acc_k": [_q(e, "denoise", f"acc_{k}") for k in range(DENOISE_L)],
                 "humaneval_pass_at_1": _q(e, "humaneval", "pass_at_1") if g.humaneval else None,
                 "humaneval_n": _q(e, "humaneval", "n") if g.humaneval else None,
+                "agreement_exact": _q(e, "agreement", "exact"), "agreement_prefix": _q(e, "agreement", "prefix"),
                 "ar_tokens_per_s": (_speed(e, "ar") or {}).get("tokens_per_s"),
                 **{f"{m}_speedup": (_speed(e, m) or {}).get("speedup") for m in METHODS if m != "ar"},
                 **{f"{m}_mat": (_speed(e, m) or {}).get("mat") for m in METHODS if m != "ar"},
@@ -212,6 +237,11 @@ def tables(groups: Sequence[Group], variants: dict[str, Any]) -> dict[str, Any]:
                 vid: {m: paired(variants[vid]["speed"]["per_question_mat"].get(m, {}),
                                 sft_speed["per_question_mat"].get(m, {})) for m in PAIRED}
                 for vid in ids if vid != f"{g.name}-sft" and variants[vid].get("speed")}
+            out["tps_vs_sft"][g.name] = {
+                vid: ratio_vs(variants[vid]["speed"]["per_question_tps"].get("tr-jacobi", {}),
+                              sft_speed["per_question_tps"].get("tr-jacobi", {}))
+                for vid in ids if vid != f"{g.name}-sft" and variants[vid].get("speed")
+                and "per_question_tps" in variants[vid]["speed"] and "per_question_tps" in sft_speed}
         for vid in ids:
             e = variants[vid]
             if e["train"] and e["train"].get("log"):
@@ -245,6 +275,8 @@ def claims(groups: Sequence[Group], variants: dict[str, Any], t: dict[str, Any])
 
     for g in groups:
         sft = variants.get(f"{g.name}-sft")
+        if g.distill and not g.ablation and sft:
+            rows += _issue11_targets(g, variants, t, sft)
         for v in g.variants:
             if v.noise != "ahead" or (v.length != PAPER["best_length"]):
                 continue
@@ -294,6 +326,42 @@ def claims(groups: Sequence[Group], variants: dict[str, Any], t: dict[str, Any])
     return rows
 
 
+def _issue11_targets(g: Group, variants: dict[str, Any], t: dict[str, Any], sft: dict) -> list[dict[str, Any]]:
+    """Issue 11's acceptance for each MSN variant trained on the base model's own answers."""
+    rows = []
+
+    def holds(x: bool | None) -> str:
+        return "n/a" if x is None else ("yes" if x else "no")
+
+    for v in g.variants:
+        if v.noise != "ahead":
+            continue
+        vid = f"{g.name}-{v.name}"
+        e, target = variants[vid], "issue 11 target"
+        mj = (_speed(e, "tr-jacobi") or {}).get("jacobi_per_step")
+        sj = (_speed(sft, "tr-jacobi") or {}).get("jacobi_per_step")
+        ok = None if None in (mj, sj) or not sj else mj >= 2 * sj
+        rows.append({"claim": "Jacobi-drafted accepted tokens per step (inside tr-jacobi) >= 2x SFT's", "paper": target,
+                     "variant": vid, "ours": f"{_fmt(mj, '.3f')} vs {_fmt(sj, '.3f')}", "holds": holds(ok)})
+        r = t["tps_vs_sft"].get(g.name, {}).get(vid)
+        d = (r or {}).get("diff")
+        ok = None if not r or not d else (r["ratio"] >= 1.15 and d["ci95"][0] > 0)
+        ours = "n/a" if not r or not d else (f"{r['ratio']:.2f}x; paired {d['mean']:+.1f} tok/s "
+                                              f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] {d['wins']}/{d['losses']} of {d['n']}")
+        rows.append({"claim": "tr-jacobi tokens/s >= 1.15x SFT's, paired interval excludes 0", "paper": target,
+                     "variant": vid, "ours": ours, "holds": holds(ok)})
+        jm = (_speed(e, "jacobi") or {}).get("mat")
+        rows.append({"claim": "pure jacobi MAT >= 1.6", "paper": target, "variant": vid, "ours": _fmt(jm, ".2f"),
+                     "holds": holds(None if jm is None else jm >= 1.6)})
+        ml, sl = _q(e, "heldout-loss", "loss"), _q(sft, "heldout-loss", "loss")
+        ok = None if None in (ml, sl) else ml <= sl * 1.015
+        ae, se = _q(e, "agreement", "exact"), _q(sft, "agreement", "exact")
+        rows.append({"claim": "held-out loss (distilled held-out split) within 1.5% of SFT's", "paper": target,
+                     "variant": vid, "ours": f"{_fmt(ml)} vs {_fmt(sl)}; greedy agreement with the base "
+                                            f"{_fmt(ae, '.2f')} vs SFT {_fmt(se, '.2f')}", "holds": holds(ok)})
+    return rows
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count(), "load_average": load_average()}
@@ -315,7 +383,7 @@ def machine() -> dict[str, Any]:
 def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
     t = report["tables"]
     L: list[str] = [
-        f"# Reproduction of issue 5: plain SFT vs MSN ({report['budget']} budget)", "",
+        f"# Reproduction: plain SFT vs MSN ({report['budget']} budget)", "",
         f"- generated: {report['created']}",
         f"- machine: {report['machine'].get('cpu', '?')} ({report['machine'].get('cpu_count')} cores), "
         f"GPU {report['machine'].get('gpu') or 'none'}, torch {report['machine'].get('torch', '?')}, "
@@ -332,9 +400,11 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
         L += [f"## {g.name}: `{g.model}` on `{g.data}`" + (" (LoRA)" if g.lora else ""), "",
               "### Quality and speed side by side", ""]
         he = " HumanEval pass@1 |" if g.humaneval else ""
+        he += " agreement with base (exact / prefix) |" if g.distill else ""
         L.append("| variant | noise | steps | held-out loss | ppl | next-token acc | denoise acc (k=0..3) |" + he +
                  " AR tok/s | pld | jacobi | tr-jacobi | tr-jacobi identical |")
-        L.append("|---|---|---:|---:|---:|---:|---|" + ("---:|" if g.humaneval else "") + "---:|---:|---:|---:|---:|")
+        L.append("|---|---|---:|---:|---:|---:|---|" + ("---:|" if g.humaneval else "") + ("---:|" if g.distill else "")
+                 + "---:|---:|---:|---:|---:|")
         for r in rows:
             ks = " ".join(_fmt(a, ".2f") for a in r["denoise_acc_k"])
             steps = "0" if r["noise"] == "untrained" else _fmt(r["steps"], "d")
@@ -343,6 +413,8 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
                      f"{_fmt(r['denoise_acc'])} ({ks})"]
             if g.humaneval:
                 cells.append(f"{_fmt(r['humaneval_pass_at_1'])} (n={r['humaneval_n'] or 0})")
+            if g.distill:
+                cells.append(f"{_fmt(r['agreement_exact'], '.2f')} / {_fmt(r['agreement_prefix'], '.2f')}")
             cells += [_fmt(r["ar_tokens_per_s"], ".1f")]
             for m in ("pld", "jacobi", "tr-jacobi"):
                 cells.append(f"{_fmt(r[f'{m}_speedup'], '.2f', 'x')} (MAT {_fmt(r[f'{m}_mat'], '.2f')})")

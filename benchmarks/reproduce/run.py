@@ -90,15 +90,38 @@ def _flags(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def distill_done(p: Path) -> bool:
+    meta = read_json(p)
+    counts = meta.get("counts") if isinstance(meta, dict) else None
+    return isinstance(counts, dict) and counts.get("prompts", 0) > 0 and counts.get("answered") == counts["prompts"]
+
+
+def distill_stage(g: Group, out: Path, device: str | None) -> Stage:
+    """The base model answers the group's prompts; the group then trains and evaluates on that file."""
+    path = out / "distill" / f"{g.distill_key}.jsonl"
+    argv = ["distill", "--model", g.model, *_flags(g.distill or {}), "--out", str(path)]
+    if device:
+        argv += ["--device", device]
+    return Stage(f"distill:{g.distill_key}", "train", g.distill_key, argv, path.with_name(path.name + ".meta.json"),
+                 distill_done)
+
+
 def plan(groups: Sequence[Group], out: Path, questions: str, threads: int | None, device: str | None,
          keep_checkpoints: bool) -> list[Stage]:
     stages: list[Stage] = []
     for g in groups:
+        data_id = None
+        if g.distill:
+            dst = distill_stage(g, out, device)
+            g.data, data_id = str(dst.output.with_name(dst.output.name.removesuffix(".meta.json"))), dst.id
+            if dst.id not in {s.id for s in stages}:  # groups with the same prompts share it
+                stages.append(dst)
+        split = ["--split", "heldout"] if g.distill else []  # a distilled file: score the part training left out
         for v in g.variants:
             vid = f"{g.name}-{v.name}"
             if v.noise is None:
                 model = g.model
-                train_id = None
+                train_id = data_id
             else:
                 run_dir = out / "train" / vid
                 model = str(run_dir)
@@ -109,7 +132,7 @@ def plan(groups: Sequence[Group], out: Path, questions: str, threads: int | None
                     argv += ["--lora", "--lora-r", str(g.lora_r)]
                 argv += _flags(g.train) + ["--resume"]
                 stages.append(Stage(
-                    train_id, "train", vid, argv, run_dir / "msn.json", train_done(g.train["max_steps"]),
+                    train_id, "train", vid, argv, run_dir / "msn.json", train_done(g.train["max_steps"]), needs=data_id,
                     after=lambda run_dir=run_dir, vid=vid: _after_train(run_dir, out / "quality" / vid,
                                                                        keep_checkpoints),
                 ))
@@ -117,13 +140,20 @@ def plan(groups: Sequence[Group], out: Path, questions: str, threads: int | None
             dev = ["--device", device] if device else []  # eval's default is the CPU, bench's is auto
             common = ["--model", model, "--max-length", str(g.eval_max_length), *dev]
             for task, key in (("heldout-loss", "loss"), ("denoise", "acc")):
-                argv = ["eval", *common, "--task", task, "--data", g.data, "--limit", str(g.eval_limit),
+                argv = ["eval", *common, "--task", task, "--data", g.data, *split, "--limit", str(g.eval_limit),
                         "--dtype", g.eval_dtype]
                 if task == "denoise":
                     argv += ["--noise-length", str(DENOISE_L), "--seed", "0"]
                 argv += ["--out", str(qdir / f"{task}.json")]
                 stages.append(Stage(f"quality:{vid}:{task}", "quality", vid, argv, qdir / f"{task}.json",
                                     eval_done(key), needs=train_id))
+            if g.distill:  # does the trained model still answer as the base model did?
+                d = g.distill
+                argv = ["eval", "--model", model, *dev, "--task", "agreement", "--data", g.data, *split,
+                        "--limit", str(g.agreement_limit), "--dtype", d["dtype"], "--batch-size", str(d["batch_size"]),
+                        "--out", str(qdir / "agreement.json")]
+                stages.append(Stage(f"quality:{vid}:agreement", "quality", vid, argv, qdir / "agreement.json",
+                                    eval_done("exact"), needs=train_id))
             if g.humaneval:
                 argv = ["eval", "--model", model, *dev, "--task", "humaneval", "--method", "ar",
                         "--max-new-tokens", str(g.humaneval_max_new_tokens), "--dtype", g.humaneval_dtype]
@@ -298,8 +328,8 @@ def default_questions() -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", required=True, choices=["toy", "cpu", "gpu"],
-                   help="toy: seconds, proves the pipeline; cpu: a 2-core CPU, hours; gpu: paper-like")
+    p.add_argument("--budget", required=True, choices=["toy", "cpu", "gpu", "distill"],
+                   help="toy: seconds, proves the pipeline; cpu: a 2-core CPU, hours; gpu: paper-like; distill: issue 11, SFT vs MSN on the base model's own answers at ~1M tokens (groups general, ablation, code)")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce-BUDGET); rerun to resume")
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default $MSN_SPEC_BENCH or "
                    "../shared/data/spec_bench/question.jsonl)")
@@ -343,7 +373,7 @@ def configure(a: argparse.Namespace) -> list[Group]:
     chosen = [copy.deepcopy(groups[x]) for x in wanted]
     keep = {x.strip() for x in a.variants.split(",") if x.strip()} if a.variants else None
     for g in chosen:
-        model, data = getattr(a, f"model_{g.name}"), getattr(a, f"data_{g.name}")
+        model, data = getattr(a, f"model_{g.name}", None), getattr(a, f"data_{g.name}", None)
         g.model = model or g.model
         g.data = data or g.data
         if keep is not None:  # "name" keeps it in every group, "group:name" in that group only

@@ -14,7 +14,6 @@ the model has loaded.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import os
 import platform
@@ -29,9 +28,9 @@ from msn.bench import runner
 from msn.bench.plot import plot_speedup
 from msn.bench.questions import Question
 from msn.bench.summary import BASELINE, answers_path, sampling_text, summarize_dir, write_summary
+from msn.clock import load_average, now
 from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate, resolve_tree
-from msn.clock import load_average, now
 from msn.errors import InputError, MsnError
 from msn.models import parse_dtype
 from msn.outputs import atomic_write_text, check_output_dir
