@@ -80,3 +80,35 @@ def keep_step_entries(cache, step_len: int, keep: torch.Tensor) -> None:
             if window and layer.keys.shape[-2] > window - 1:
                 layer.keys = layer.keys[:, :, -window + 1 :]
                 layer.values = layer.values[:, :, -window + 1 :]
+
+
+class DynamicKV:
+    """The eager verification path: transformers' DynamicCache, grown per step and cut back to the accepted
+    path. Any model and any length, no warm-up; the reference the compiled path must match."""
+
+    compiled = False
+
+    def __init__(self, model):
+        self.model, self.kw, self.cache = model, cache_keyword(model), new_cache(model)
+
+    def prefill(self, ids: torch.Tensor):
+        """Run the prompt (``[1, L]``) into the cache; returns the model output (logits [1, L, V])."""
+        return self.model(input_ids=ids, use_cache=True, **{self.kw: self.cache})
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None,
+                past: int) -> torch.Tensor:
+        """Logits [n, V] for n new tokens at ``positions`` attending to the cache and their ``ancestors``
+        ([n, n] bool; None: a single token with the model's own causal mask)."""
+        from msn.decoding.trie import tree_mask
+
+        if ancestors is None:
+            out = self.model(input_ids=tokens[None], use_cache=True, **{self.kw: self.cache})
+        else:
+            out = self.model(input_ids=tokens[None], position_ids=positions[None],
+                             attention_mask=tree_mask(ancestors, past, self.model.dtype), use_cache=True,
+                             **{self.kw: self.cache})
+        return out.logits[0]
+
+    def keep(self, past: int, step_len: int, keep: torch.Tensor) -> None:
+        """After a step of ``step_len`` tokens written after ``past`` entries, keep those at ``keep``."""
+        keep_step_entries(self.cache, step_len, keep)

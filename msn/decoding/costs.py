@@ -20,9 +20,6 @@ from pathlib import Path
 
 import torch
 
-from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
-from msn.decoding.trie import tree_mask
-
 GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
 PAST = 128  # cache length while measuring
 ALPHA = 0.1  # weight of one observed step in the online refinement
@@ -30,43 +27,45 @@ logger = logging.getLogger("msn")
 
 
 @torch.inference_mode()
-def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int = 3, seed: int = 0) -> dict[int, float]:
-    """Median seconds of one forward over k new tokens on a ``past``-token cache, as the engine runs it
-    (k = 1: plain causal step; k > 1: explicit positions and an additive 4-D mask)."""
+def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int = 3, seed: int = 0,
+                    compiled: bool = False) -> dict[int, float]:
+    """Median seconds of one forward over k new tokens on a ``past``-token cache, through the same
+    verification path the engine uses (k = 1: plain causal step; k > 1: a chain with explicit positions and
+    a 4-D mask; ``compiled``: the static compiled path, whose first round compiles each bucket)."""
+    from msn.decoding.static_kv import make_kv
+
     gen = torch.Generator().manual_seed(seed)
-    vocab, device, dtype = model.config.vocab_size, model.device, model.dtype
-    kw = cache_keyword(model)
-    cache = new_cache(model)
-    model(input_ids=torch.randint(0, vocab, (1, past), generator=gen).to(device), use_cache=True, **{kw: cache})
+    vocab, device = model.config.vocab_size, model.device
+    kv = make_kv(model, past + max(sizes), compiled)
+    kv.prefill(torch.randint(0, vocab, (1, past), generator=gen).to(device))
     none_kept = torch.empty(0, dtype=torch.long, device=device)
     times: dict[int, list[float]] = {k: [] for k in sizes}
     for rep in range(repeats + 1):  # round-robin over sizes, so drift hits every size alike
         for k in sizes:
-            ids = torch.randint(0, vocab, (1, k), generator=gen).to(device)
-            extra = {}
-            if k > 1:
-                causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()  # a chain: the worst case
-                extra = {"attention_mask": tree_mask(causal, past, dtype),
-                         "position_ids": torch.arange(past, past + k, device=device)[None]}
+            ids = torch.randint(0, vocab, (k,), generator=gen).to(device)
+            chain = None if k == 1 else torch.ones(k, k, dtype=torch.bool, device=device).tril()  # worst case
             start = time.perf_counter()
-            model(input_ids=ids, use_cache=True, **{kw: cache}, **extra)
+            kv.forward(ids, torch.arange(past, past + k, device=device), chain, past)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if rep:  # the first round warms up every shape
+            if rep:  # the first round warms up (and, compiled, compiles) every shape
                 times[k].append(time.perf_counter() - start)
-            keep_step_entries(cache, k, none_kept)
+            kv.keep(past, k, none_kept)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def cache_key(model) -> str:
-    """Latency depends on shapes, not weights: the config (minus its name), device, dtype, threads, torch."""
+def cache_key(model, compiled: bool = False) -> str:
+    """Latency depends on shapes, not weights: the config (minus its name), device, dtype, threads, torch, and
+    whether the forward is compiled."""
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     device = model.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
     raw = json.dumps([config, where, str(model.dtype), torch.__version__], sort_keys=True, default=str)
     arch = config.get("model_type") or "model"
-    return f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
+    kind = "-compiled" if compiled else ""
+    return (f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}{kind}-"
+            f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}")
 
 
 def monotone(values: Sequence[float]) -> list[float]:
@@ -122,15 +121,22 @@ class Latency:
         return {"sizes": self.sizes, "seconds": self.seconds, "source": self.source}
 
 
-def latency_path(model) -> Path:
+def latency_path(model, compiled: bool = False) -> Path:
     from msn.models import cache_dir
 
-    return cache_dir() / "latency" / f"{cache_key(model)}.json"
+    return cache_dir() / "latency" / f"{cache_key(model, compiled)}.json"
 
 
-def load_or_measure(model) -> Latency:
+def grid(compiled: bool = False) -> list[int]:
+    """Tree sizes (root excluded) to measure; the compiled path's largest bucket holds 64 tokens."""
+    from msn.decoding.static_kv import BUCKETS
+
+    return [n for n in GRID if not compiled or n + 1 <= BUCKETS[-1]]
+
+
+def load_or_measure(model, compiled: bool = False) -> Latency:
     """The cached curve for this model shape/device/dtype/threads, or a fresh measurement (saved atomically)."""
-    path = latency_path(model)
+    path = latency_path(model, compiled)
     try:
         data = json.loads(path.read_text())
         return Latency(dict(zip(data["sizes"], data["seconds"], strict=True)), source=str(path))
@@ -138,7 +144,7 @@ def load_or_measure(model) -> Latency:
         pass
     logger.info("msn: measuring forward latency t(n) for the auto tree, once per model shape/device/dtype/"
                 "threads (a few seconds): %s", path)
-    return remeasure(model)[0]
+    return remeasure(model, compiled=compiled)[0]
 
 
 def _busy() -> bool:
@@ -149,11 +155,11 @@ def _busy() -> bool:
         return False
 
 
-def remeasure(model, repeats: int = 3) -> tuple[Latency, Path]:
+def remeasure(model, repeats: int = 3, compiled: bool = False) -> tuple[Latency, Path]:
     """Measure t(n) on the grid now and replace the cached curve (``msn tune-tree`` calls this). On a
     CPU that is busy with other work the curve is used for this process only, never cached."""
-    path = latency_path(model)
-    measured = measure_forward(model, [n + 1 for n in GRID], repeats=repeats)
+    path = latency_path(model, compiled)
+    measured = measure_forward(model, [n + 1 for n in grid(compiled)], repeats=repeats, compiled=compiled)
     latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path))
     if model.device.type == "cpu" and _busy():
         latency.source = "measured on a busy CPU (not cached)"

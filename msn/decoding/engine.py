@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from msn.decoding import trie as trie_mod
-from msn.decoding.cache import cache_keyword, keep_step_entries, new_cache
 from msn.decoding.calibrate import Calibrator
 from msn.decoding.costs import Latency, load_or_measure
 from msn.decoding.request import Request, parse_request
 from msn.decoding.sampling import CoupledSampler, coupled_accept
 from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, VerifiedStep
+from msn.decoding.static_kv import make_kv
 from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
 from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
 
@@ -43,6 +43,7 @@ class GenerateOutput:
     tree_sizes: list[int] = field(default_factory=list)  # per step: draft nodes verified (root excluded)
     node_hits: torch.Tensor | None = None  # static templates: per template node (root first), steps accepted
     retrieval_lengths: list[int] | None = None  # per step: tokens the retrieval chain drafted (0: no match)
+    compiled: bool = False  # verified through the compiled static path (compile=True, where it could be used)
 
     @property
     def mean_accepted(self) -> float:
@@ -66,7 +67,12 @@ class DecoderState:
 
     sources: dict[str, DraftSource] = field(default_factory=lambda: {n: cls() for n, cls in SOURCES.items()})
     calibrator: Calibrator = field(default_factory=Calibrator)
-    latency: Latency | None = None
+    latencies: dict[bool, Latency] = field(default_factory=dict)  # t(n) of the eager / the compiled forward
+
+    @property
+    def latency(self) -> Latency | None:
+        """The eager forward's t(n)."""
+        return self.latencies.get(False)
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -85,7 +91,7 @@ def decoder_state(model) -> DecoderState:
 def generate(model, input_ids=None, max_new_tokens: int | None = None, method: str = "tr-jacobi",
              tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              seed: int = 0, generation_config=None, attention_mask=None, state: DecoderState | None = None,
-             **kwargs) -> GenerateOutput | torch.Tensor:
+             compile: bool = False, **kwargs) -> GenerateOutput | torch.Tensor:
     """Generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding: greedy, or
     sampled with ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``min_p``; exact, and for a given
     ``seed`` the same text whatever the method or tree, see :mod:`msn.decoding.sampling`).
@@ -94,6 +100,8 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     method=..., tree=...)``: then settings come from the generation config and the sequences are returned.
     Unknown or unsupported keywords raise :class:`msn.errors.MsnError` instead of being ignored. ``state``:
     the draft tables, calibration and latency curve to use and update (default: the model's shared ones).
+    ``compile=True``: verify through a static KV buffer and a ``torch.compile``-d forward per tree-size bucket
+    (see :mod:`msn.decoding.static_kv`; the first use of each bucket compiles, tens of seconds on a CPU).
     """
     req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
                         attention_mask, kwargs, seed)
@@ -101,7 +109,7 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     if was_training:
         model.eval()  # dropout on would decode a different (degenerate) text
     try:
-        out = _Decoder(model, req, streamer, seed, state or decoder_state(model)).run()
+        out = _Decoder(model, req, streamer, seed, state or decoder_state(model), bool(compile)).run()
     finally:
         if was_training:
             model.train()
@@ -111,10 +119,10 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
 class _Decoder:
     """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
-    def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState):
+    def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState, compile: bool = False):
         self.model, self.req, self.streamer = model, req, streamer
         self.device, self.dtype = req.input_ids.device, model.dtype
-        self.kw = cache_keyword(model)
+        self.compile = compile
         self.generator = torch.Generator().manual_seed(seed)
         self.prompt_len = req.input_ids.shape[1]
         self.committed = torch.empty(self.prompt_len + req.max_new_tokens, dtype=torch.long, device=self.device)
@@ -129,9 +137,9 @@ class _Decoder:
         self.top_k = max((getattr(s, "top_k_needed", 0) for s in self.sources.values()), default=0)
         self.latency = None
         if self.auto and self.sources:
-            if self.state.latency is None:
-                self.state.latency = load_or_measure(model)
-            self.latency = self.state.latency
+            if self.state.latencies.get(compile) is None:
+                self.state.latencies[compile] = load_or_measure(model, compiled=compile)
+            self.latency = self.state.latencies[compile]
         self.accept_lengths: list[int] = []
         self.accepted_by_source = {name: [] for name in SOURCES} if self.sources else {}
         self.nodes_by_source = {name: [] for name in SOURCES} if self.sources else {}
@@ -168,14 +176,15 @@ class _Decoder:
             tree_sizes=self.tree_sizes,
             node_hits=self.node_hits,
             retrieval_lengths=self.chain_lengths,
+            compiled=self.kv.compiled and self.kv.holder.failed is None,
         )
 
     def prefill(self) -> None:
-        self.cache = new_cache(self.model)
+        self.kv = make_kv(self.model, self.prompt_len + self.req.max_new_tokens, self.compile)
         ids = self.req.input_ids
         logits = None
         if self.prompt_len > 1:
-            out = self.model(input_ids=ids[:, :-1], use_cache=True, **{self.kw: self.cache})
+            out = self.kv.prefill(ids[:, :-1])
             if self.sources:
                 logits = out.logits[0].float()
         for src in self.sources.values():
@@ -219,18 +228,14 @@ class _Decoder:
     def forward(self, tree: trie_mod.StepTree) -> torch.Tensor:
         past = self.length - 1
         if len(tree) == 1:  # a plain one-token step with the model's own causal mask
-            out = self.model(input_ids=self.committed[None, past : self.length], use_cache=True, **{self.kw: self.cache})
+            tokens, ancestors = self.committed[past : self.length], None
+            positions = torch.arange(past, self.length, device=self.device)
         else:
             tokens = torch.tensor(tree.tokens, device=self.device)
-            depth = torch.tensor(tree.depths, device=self.device)
-            out = self.model(
-                input_ids=tokens[None],
-                position_ids=(depth + past)[None],
-                attention_mask=trie_mod.tree_mask(tree.ancestors(self.device), past, self.dtype),
-                use_cache=True,
-                **{self.kw: self.cache},
-            )
-        return out.logits[0].float()  # bf16 argmax/topk on CPU is ~10x slower than fp32
+            positions = torch.tensor(tree.depths, device=self.device) + past
+            ancestors = tree.ancestors(self.device)
+        logits = self.kv.forward(tokens, positions, ancestors, past)
+        return logits.float()  # bf16 argmax/topk on CPU is ~10x slower than fp32
 
     def top(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One top-k per step, shared by acceptance and the sources."""
@@ -259,7 +264,7 @@ class _Decoder:
         """The cache keeps the root and the accepted nodes, contiguous; the rest of the tree is dropped."""
         if len(tree) > 1:
             keep = torch.tensor([0, *acc.accepted], dtype=torch.long, device=self.device)
-            keep_step_entries(self.cache, len(tree), keep)
+            self.kv.keep(self.length - 1, len(tree), keep)
 
     def observe(self, trie, tree, logits, top_ids, top_vals, acc: Acceptance, new: list[int]) -> None:
         """Sources learn from the verified step; calibration and per-source accounting are updated."""
