@@ -100,3 +100,21 @@ def test_a_sliding_window_model_decodes_eagerly_with_one_warning(caplog):
             assert torch.equal(out.sequences, ref) and not out.compiled
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not supported for this model (sliding-window" in warnings[0]
+
+
+def test_bench_methods_with_compile_suffix_run_the_compiled_path():
+    from fakes import ByteChatTokenizer
+
+    from msn.bench.runner import parse_methods, run_turn
+    from msn.errors import InputError
+
+    assert parse_methods("ar,ar+compile,tr-jacobi+compile") == ["ar", "ar+compile", "tr-jacobi+compile"]
+    with pytest.raises(InputError, match="pld\\+compile"):
+        parse_methods("pld+compile")
+    model, tok = _model("llama"), ByteChatTokenizer(vocab_size=TINY_VOCAB)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    eager = run_turn(model, tok, "tr-jacobi", ids, 16, "cpu-fp32-8", [2])
+    compiled = run_turn(model, tok, "tr-jacobi+compile", ids, 16, "cpu-fp32-8", [2])
+    assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens
+    with pytest.raises(Exception, match="could not use the compiled path"):
+        run_turn(tiny_model("gemma3"), tok, "ar+compile", ids, 4, None, [2])

@@ -29,10 +29,11 @@ from msn.decoding import generate
 from msn.decoding.engine import DecoderState
 from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate
-from msn.errors import InputError
+from msn.errors import InputError, MsnError
 from msn.prompting import encode_chat, eos_ids
 
-BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"])
+COMPILED = "+compile"  # e.g. "tr-jacobi+compile": the same method through the compiled path (compile=True)
+BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"], *[m + COMPILED for m in ENGINE_METHODS])
 DEFAULT_METHODS = ("ar", "pld", "jacobi", "tr-jacobi")
 PLD_SETTINGS = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3}
 
@@ -166,8 +167,11 @@ def run_turn(
         "do_sample": True, "seed": seed,
         **{k: v for k, v in dataclasses.asdict(sampling).items() if k != "seed" and v is not None},
     }
-    out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method, tree=tree, eos_token_id=eos,
-                   state=state, **how)
+    compiled = method.endswith(COMPILED)
+    out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method.removesuffix(COMPILED), tree=tree,
+                   eos_token_id=eos, state=state, compile=compiled, **how)
+    if compiled and not out.compiled:  # never report an eager run under a compiled name
+        raise MsnError(f"{method}: this model could not use the compiled path (see the warning above)")
     new = out.sequences[0, input_ids.shape[1]:]
     tree_run = bool(out.accepted_by_source)
     return TurnResult(

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+    p.add_argument("--compile", action="store_true",
+                   help="verify through a static KV cache and a torch.compile-d forward (first use compiles: "
+                        "tens of seconds per tree size on a CPU; pays off for long answers and servers)")
     add_sampling_arguments(p)
 
 
@@ -83,7 +86,7 @@ def run(args) -> int:
     streamer = None if args.no_stream else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     out = generate(
         model, ids, max_new_tokens=args.max_new_tokens, method=args.method, tree=tree,
-        eos_token_id=eos_ids(model, tok), streamer=streamer, seed=args.seed, **sampling,
+        eos_token_id=eos_ids(model, tok), streamer=streamer, seed=args.seed, compile=args.compile, **sampling,
     )  # fmt: skip
     if streamer is None:
         print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))

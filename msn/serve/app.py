@@ -31,15 +31,16 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tree: Tree | str | None = None,
-               queue_size: int = 16, api_key: str | None = None, default_max_tokens: int = 512) -> FastAPI:
+               queue_size: int = 16, api_key: str | None = None, default_max_tokens: int = 512,
+               compile: bool = False) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` as ``model_id``. ``method``/``tree``: the default decoding
     (a request may override both through its ``msn`` field); ``default_max_tokens``: for requests that give
-    no max_tokens (capped by the context)."""
+    no max_tokens (capped by the context); ``compile``: verify through the compiled path (every request)."""
     if method not in METHODS:
         raise MsnError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     device = next(model.parameters()).device
     server = _Server(model, tokenizer, model_id, method, resolve_tree(tree, device, model.dtype), device,
-                     default_max_tokens, Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size))
+                     default_max_tokens, Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size), compile)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -93,8 +94,8 @@ class _Server:
     """What the routes share: the model, its defaults, the worker."""
 
     def __init__(self, model, tokenizer, model_id: str, method: str, tree: Tree, device, default_max_tokens: int,
-                 worker: Worker):
-        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+                 worker: Worker, compile: bool = False):
+        self.model, self.tokenizer, self.model_id, self.compile = model, tokenizer, model_id, compile
         self.method, self.tree, self.device = method, tree, device
         self.default_max_tokens, self.worker = default_max_tokens, worker
         self.limit = _context_limit(model.config)
@@ -161,7 +162,7 @@ class _Server:
         except MsnError as e:
             raise p.bad(str(e)) from None
         return ids.to(self.device), {"max_new_tokens": max_tokens, "method": method, "tree": tree, "seed": seed,
-                                     **sampling}
+                                     "compile": self.compile, **sampling}
 
 
 class _JobStream(StreamingResponse):

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default: %(default)s, this machine only; 0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--compile", action="store_true",
+                   help="verify through a static KV cache and a torch.compile-d forward (compiles at start-up: "
+                        "minutes on a small CPU; faster steps afterwards)")
     p.add_argument("--method", choices=METHODS, default="tr-jacobi",
                    help="decoding method (default: %(default)s; a request may override it: \"msn\": {\"method\": ...})")
     p.add_argument("--tree", default=None, help=TREE_HELP)
@@ -106,9 +109,9 @@ def run(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=device)
     name = args.served_name or args.model
     app = create_app(model, tok, model_id=name, method=args.method, tree=tree, queue_size=args.queue_size,
-                     api_key=api_key, default_max_tokens=args.default_max_tokens)
+                     api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile)
     if not args.no_warmup:
-        _warm_up(model, tok, args.method, tree)
+        _warm_up(model, tok, args.method, tree, args.compile)
     if not _loopback(args.host) and api_key is None:
         log.warning("msn serve: listening on %s without --api-key: anyone who can reach this port can use it",
                     args.host)
@@ -128,11 +131,12 @@ def run(args) -> int:
     return 0
 
 
-def _warm_up(model, tokenizer, method: str, tree) -> None:
+def _warm_up(model, tokenizer, method: str, tree, compile: bool = False) -> None:
     """One short generation before the port opens, so the first request does not pay the one-time costs
     (the auto tree's t(n) measurement, lazy kernels) and /health answers only when requests are fast."""
     from msn.decoding.engine import generate
     from msn.prompting import encode_prompt, eos_ids
 
     ids = encode_prompt(tokenizer, "Hello").to(next(model.parameters()).device)
-    generate(model, ids, max_new_tokens=2, method=method, tree=tree, eos_token_id=eos_ids(model, tokenizer))
+    generate(model, ids, max_new_tokens=2, method=method, tree=tree, eos_token_id=eos_ids(model, tokenizer),
+             compile=compile)
