@@ -127,11 +127,15 @@ def latency_path(model, compiled: bool = False) -> Path:
     return cache_dir() / "latency" / f"{cache_key(model, compiled)}.json"
 
 
-def grid(compiled: bool = False) -> list[int]:
-    """Tree sizes (root excluded) to measure; the compiled path's largest bucket holds 64 tokens."""
-    from msn.decoding.static_kv import BUCKETS
+def grid(model=None, compiled: bool = False) -> list[int]:
+    """Tree sizes (root excluded) to measure. Compiled, each bucket measured is one more compilation: up to
+    the largest bucket on a GPU, up to 16 tokens on a CPU (where larger trees rarely pay anyway)."""
+    from msn.decoding.static_kv import BUCKETS, CPU_AUTO_TOKENS
 
-    return [n for n in GRID if not compiled or n + 1 <= BUCKETS[-1]]
+    if not compiled:
+        return list(GRID)
+    cap = CPU_AUTO_TOKENS if model is None or model.device.type == "cpu" else BUCKETS[-1]
+    return [n for n in GRID if n + 1 <= cap]
 
 
 def load_or_measure(model, compiled: bool = False) -> Latency:
@@ -159,7 +163,7 @@ def remeasure(model, repeats: int = 3, compiled: bool = False) -> tuple[Latency,
     """Measure t(n) on the grid now and replace the cached curve (``msn tune-tree`` calls this). On a
     CPU that is busy with other work the curve is used for this process only, never cached."""
     path = latency_path(model, compiled)
-    measured = measure_forward(model, [n + 1 for n in grid(compiled)], repeats=repeats, compiled=compiled)
+    measured = measure_forward(model, [n + 1 for n in grid(model, compiled)], repeats=repeats, compiled=compiled)
     latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path))
     if model.device.type == "cpu" and _busy():
         latency.source = "measured on a busy CPU (not cached)"

@@ -22,7 +22,8 @@ import torch
 
 from msn.decoding.cache import cache_keyword
 
-BUCKETS = (1, 4, 8, 16, 32, 64)  # tree tokens per forward, root included
+BUCKETS = (1, 8, 16, 32, 64)  # tree tokens per forward, root included (compiled, 8 cost what 1 costs eagerly)
+CPU_AUTO_TOKENS = 16  # the auto tree on a CPU stays within 16 tokens: each bucket costs a minute to compile there
 MIN_CACHE = 512
 logger = logging.getLogger("msn")
 
