@@ -145,9 +145,6 @@ def test_a_model_without_chat_template_is_refused(tmp_path, tiny_dir, prompts, c
 
 def test_agreement_is_one_for_the_model_that_wrote_the_answers_and_less_for_another(tmp_path, prompts, writer,
                                                                                     smollm2_tokenizer, capsys):
-    from msn.eval.agreement import common_prefix
-
-    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
     out = tmp_path / "d.jsonl"
     other = save_tiny_chat_model(tmp_path / "other", smollm2_tokenizer, seed=1, tied=False)
     assert run(common(writer, prompts, out), capsys)[0] == 0

@@ -165,11 +165,7 @@ _WARNED: weakref.WeakSet = weakref.WeakSet()
 
 def compiled_forwards(model) -> CompiledForwards:
     """The model's compiled forward and static caches (shared by every decoder state of the model)."""
-    holder = _FORWARDS.get(model)
-    if holder is None:
-        holder = CompiledForwards()
-        _FORWARDS[model] = holder
-    return holder
+    return _FORWARDS.setdefault(model, CompiledForwards())
 
 
 def make_kv(model, total_tokens: int, compile: bool):

@@ -7,18 +7,10 @@ this is the quality check that matters when the training target is "be the same 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from msn.data import Record
-
-
-def common_prefix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def greedy_agreement(model, tokenizer, records: Sequence[Record], batch_size: int = 16) -> dict[str, float]:
@@ -46,7 +38,7 @@ def greedy_agreement(model, tokenizer, records: Sequence[Record], batch_size: in
         got = greedy_batch(model, tokenizer, [u for u, _, _ in chunk], budget, eos, pad_id)
         for (_, ref, _), (_, new, _) in zip(chunk, got, strict=True):
             text = tokenizer.decode(new, skip_special_tokens=True)
-            n = common_prefix(ref, text)
+            n = len(os.path.commonprefix([ref, text]))
             exact += n == len(ref)
             prefix += n / max(len(ref), 1)
     count = max(len(pairs), 1)
