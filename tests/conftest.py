@@ -123,3 +123,18 @@ def data_file(tmp_path_factory) -> Path:
     from helpers import counting_rows, write_jsonl
 
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", counting_rows(40, 10))
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Llama for the bench tests; one per test module (so each module starts with fresh decoder
+    state); a module that needs another model defines its own ``model``."""
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The byte-level chat tokenizer that goes with ``model``."""
+    from fakes import ByteChatTokenizer
+
+    return ByteChatTokenizer(vocab_size=TINY_VOCAB, eos_token_id=2)

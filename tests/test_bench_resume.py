@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_model
 from fakes import ByteChatTokenizer
 
 import msn.bench.runner as runner
@@ -18,11 +17,6 @@ QUESTIONS = [
     {"question_id": 2, "category": "writing", "turns": ["Write a haiku about rain."]},
     {"question_id": "three", "category": "qa", "turns": ["Name three primes."]},
 ]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_model
-from fakes import ByteChatTokenizer
 
 import msn.bench.runner as runner
 import msn.bench.session as session
@@ -18,16 +16,6 @@ QUESTIONS = [
     Question(2, "writing", ("Write a haiku about rain.", "Now make it about snow.")),
     Question(3, "qa", ("Name three primes.",)),
 ]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return ByteChatTokenizer(vocab_size=128, eos_token_id=2)
 
 
 def record(model, tok, q, method, n=12):

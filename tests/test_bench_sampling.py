@@ -10,8 +10,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from fakes import ByteChatTokenizer
 
 import msn.bench.runner as runner
 import msn.bench.session as session
@@ -24,16 +22,6 @@ QUESTIONS = [
     {"question_id": 1, "category": "qa", "turns": ["What is the capital of France?"]},
     {"question_id": "two", "category": "writing", "turns": ["Write a haiku about rain.", "Now about snow."]},
 ]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return ByteChatTokenizer(vocab_size=128, eos_token_id=2)
 
 
 @pytest.fixture
