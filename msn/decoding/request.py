@@ -31,7 +31,8 @@ def resolve_eos(model, eos_token_id=None) -> set[int]:
     return set(eos_ids(override=eos_token_id))
 
 
-def _context_limit(config) -> int | None:
+def context_limit(config) -> int | None:
+    """The model's context length from its config (None when the config names none)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(config, key, None)
         if isinstance(v, int) and v > 0:
@@ -131,7 +132,7 @@ def _check_model(model, prompt_len: int, max_new_tokens: int, tree: Tree) -> Non
     if vocab and top_k > vocab:
         raise MsnError(f"tree {tree.name!r} asks for Jacobi candidate rank {top_k - 1}, but the vocabulary has only "
                        f"{vocab} tokens: use ranks below {vocab}")
-    limit = _context_limit(config)
+    limit = context_limit(config)
     total = prompt_len + max_new_tokens
     if limit is not None and total > limit:
         raise MsnError(

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from msn.decoding.request import _context_limit, parse_request
+from msn.decoding.request import context_limit, parse_request
 from msn.decoding.tree import METHODS, TREE_PRESETS, Tree, resolve_tree
 from msn.errors import MsnError
 from msn.prompting import encode_chat, encode_text, eos_ids
@@ -98,7 +98,7 @@ class _Server:
         self.model, self.tokenizer, self.model_id, self.compile = model, tokenizer, model_id, compile
         self.method, self.tree, self.device = method, tree, device
         self.default_max_tokens, self.worker = default_max_tokens, worker
-        self.limit = _context_limit(model.config)
+        self.limit = context_limit(model.config)
         self.created = p.now()
 
     def check_model(self, name: str) -> None:
