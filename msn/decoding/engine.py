@@ -176,7 +176,7 @@ class _Decoder:
             tree_sizes=self.tree_sizes,
             node_hits=self.node_hits,
             retrieval_lengths=self.chain_lengths,
-            compiled=self.kv.compiled and self.kv.holder.failed is None,
+            compiled=self.kv.compiled,
         )
 
     def prefill(self) -> None:

@@ -72,8 +72,6 @@ def compile_forward(model):
 class StaticKV:
     """Same interface as :class:`msn.decoding.cache.DynamicKV`; see the module docstring."""
 
-    compiled = True
-
     def __init__(self, model, total_tokens: int, holder: CompiledForwards):
         from transformers import StaticCache
 
@@ -87,6 +85,11 @@ class StaticKV:
         if holder.forward is None and holder.failed is None:
             holder.forward = compile_forward(model)
         self._min = torch.finfo(model.dtype).min
+
+    @property
+    def compiled(self) -> bool:
+        """False once this model's compilation failed (its steps then run eagerly)."""
+        return self.holder.failed is None
 
     def _set_length(self, n: int) -> None:
         for layer in self.cache.layers:
@@ -127,7 +130,7 @@ class StaticKV:
 
     def _run(self, size: int, kwargs: dict, past: int):
         holder = self.holder
-        if holder.failed is not None or holder.forward is None:
+        if not self.compiled:
             return self.model(**kwargs)
         key = (self.length, size)
         if key in holder.warmed:
