@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import tiny_config  # noqa: E402
-from test_sampling import exact  # noqa: E402  (the exact processed distribution of one logits row)
+from test_sampling import chi_square_statistic, exact  # noqa: E402  (pooled chi-square; one row's exact distribution)
 
 import msn  # noqa: E402
 from msn.decoding import engine  # noqa: E402
@@ -87,19 +87,8 @@ def chi2_sf(stat: float, dof: int) -> float:
 
 
 def chi_square(counts: dict, probs: dict) -> tuple[float, int, float]:
-    """Pearson's chi-square (statistic, dof, p-value); bins expected below 5 pooled into one."""
-    n = sum(counts.values())
-    bins, pool_e, pool_o = [], 0.0, 0
-    for k, p in probs.items():
-        e, o = n * p, counts.get(k, 0)
-        if e < 5:
-            pool_e, pool_o = pool_e + e, pool_o + o
-        else:
-            bins.append((o, e))
-    if pool_e > 0:
-        bins.append((pool_o, pool_e))
-    stat = sum((o - e) ** 2 / e for o, e in bins)
-    dof = max(len(bins) - 1, 1)
+    """Pearson's chi-square (statistic, dof, p-value), the p-value from the exact tail."""
+    stat, dof = chi_square_statistic(counts, probs)
     return stat, dof, chi2_sf(stat, dof)
 
 

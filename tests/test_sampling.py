@@ -32,11 +32,9 @@ SETTINGS = [
 ]
 
 
-def chi_square_pvalue(counts: dict, probs: dict) -> float:
-    """Pearson's chi-square goodness of fit; bins expected below 5 are pooled. p-value by the
-    Wilson-Hilferty normal approximation (no scipy here)."""
+def chi_square_statistic(counts: dict, probs: dict) -> tuple[float, int]:
+    """Pearson's chi-square statistic and degrees of freedom; bins expected below 5 are pooled into one."""
     n = sum(counts.values())
-    assert all(k in probs and probs[k] > 0 for k in counts), "a sample outside the distribution's support"
     bins, pool_e, pool_o = [], 0.0, 0
     for k, p in probs.items():
         e, o = n * p, counts.get(k, 0)
@@ -46,8 +44,14 @@ def chi_square_pvalue(counts: dict, probs: dict) -> float:
             bins.append((o, e))
     if pool_e > 0:
         bins.append((pool_o, pool_e))
-    stat = sum((o - e) ** 2 / e for o, e in bins)
-    dof = max(len(bins) - 1, 1)
+    return sum((o - e) ** 2 / e for o, e in bins), max(len(bins) - 1, 1)
+
+
+def chi_square_pvalue(counts: dict, probs: dict) -> float:
+    """Pearson's chi-square goodness of fit; p-value by the Wilson-Hilferty normal approximation (no scipy
+    here)."""
+    assert all(k in probs and probs[k] > 0 for k in counts), "a sample outside the distribution's support"
+    stat, dof = chi_square_statistic(counts, probs)
     z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
     return 0.5 * math.erfc(z / math.sqrt(2))
 
