@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,32 +97,29 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
     return variants
 
 
-def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, float]:
-    """question_id -> new tokens / decoding steps over all turns of one answer file (Spec-Bench answer JSONL);
-    with ``drafted_by`` (``jacobi_accepted``), that per-step count's mean instead: one source's share of MAT."""
+def _per_question(path: Path, value: Callable[[dict], float]) -> dict[str, float]:
+    """question_id -> ``value`` of its answer's first choice, over one Spec-Bench answer JSONL; a line without
+    the fields (an older bench, a torn line) is skipped."""
     out: dict[str, float] = {}
     with contextlib.suppress(OSError):
         for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
                 rec = json.loads(line)
-                c = rec["choices"][0]
-                if drafted_by:
-                    value = sum(c[drafted_by]) / len(c[drafted_by])
-                else:
-                    value = sum(c["new_tokens"]) / sum(c["decoding_steps"])
-                out[str(rec["question_id"])] = value
+                out[str(rec["question_id"])] = value(rec["choices"][0])
     return out
+
+
+def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, float]:
+    """New tokens / decoding steps over all turns; with ``drafted_by`` (``jacobi_accepted``), that per-step
+    count's mean instead: one source's share of MAT."""
+    if drafted_by:
+        return _per_question(path, lambda c: sum(c[drafted_by]) / len(c[drafted_by]))
+    return _per_question(path, lambda c: sum(c["new_tokens"]) / sum(c["decoding_steps"]))
 
 
 def _per_question_tps(path: Path) -> dict[str, float]:
-    """question_id -> new tokens / wall seconds over all turns of one answer file."""
-    out: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
-                c = json.loads(line)["choices"][0]
-                out[str(json.loads(line)["question_id"])] = sum(c["new_tokens"]) / sum(c["wall_time"])
-    return out
+    """New tokens / wall seconds over all turns."""
+    return _per_question(path, lambda c: sum(c["new_tokens"]) / sum(c["wall_time"]))
 
 
 def ratio_vs(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
