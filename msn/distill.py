@@ -161,48 +161,44 @@ def _write_meta(out: Path, settings: dict, counts: dict, started: str) -> None:
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def greedy_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: int, eos: Sequence[int],
-                 pad_id: int) -> list[tuple[list[int], list[int], bool]]:
-    """Greedy answers for a batch of user prompts: left-padded, one ``model.generate`` call.
-
-    Returns ``(prompt ids, answer ids cut before the first EOS, finished)`` per prompt."""
+def greedy_batch(model, prompt_ids: Sequence, max_new_tokens: int, eos: Sequence[int],
+                 pad_id: int) -> list[tuple[list[int], bool]]:
+    """Greedy answers for a batch of encoded prompts (1-D id tensors): left-padded, one ``model.generate``
+    call. Returns ``(answer ids cut before the first EOS, finished)`` per prompt."""
     import torch
 
-    from msn.prompting import encode_prompt
-
-    ids = [encode_prompt(tokenizer, t)[0] for t in texts]
-    width = max(len(x) for x in ids)
-    batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    width = max(len(x) for x in prompt_ids)
+    batch = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(batch)
-    for i, x in enumerate(ids):
+    for i, x in enumerate(prompt_ids):
         batch[i, width - len(x):], mask[i, width - len(x):] = x, 1
     device = next(model.parameters()).device
     with torch.inference_mode():
         seqs = model.generate(batch.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                               do_sample=False, eos_token_id=list(eos), pad_token_id=pad_id)
     out = []
-    for x, row in zip(ids, seqs[:, width:].tolist(), strict=True):
+    for row in seqs[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), None)
-        out.append((x.tolist(), row if cut is None else row[:cut], cut is not None))
+        out.append((row if cut is None else row[:cut], cut is not None))
     return out
 
 
-def generate_batch(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, eos: Sequence[int],
-                   pad_id: int) -> list[dict]:
-    """The distill records of a batch of prompts."""
-    answers = greedy_batch(model, tokenizer, [p.text for p in prompts], max_new_tokens, eos, pad_id)
+def generate_batch(model, tokenizer, batch: Sequence[tuple[Prompt, object]], max_new_tokens: int,
+                   eos: Sequence[int], pad_id: int) -> list[dict]:
+    """The distill records of a batch of ``(prompt, its encoded ids)``."""
+    answers = greedy_batch(model, [ids for _, ids in batch], max_new_tokens, eos, pad_id)
     return [{"prompt": p.text, "response": tokenizer.decode(new, skip_special_tokens=True), "key": p.key,
-             "finished": finished, "prompt_tokens": len(x), "new_tokens": len(new)}
-            for p, (x, new, finished) in zip(prompts, answers, strict=True)]
+             "finished": finished, "prompt_tokens": len(ids), "new_tokens": len(new)}
+            for (p, ids), (new, finished) in zip(batch, answers, strict=True)]
 
 
-def _chunks(prompts: list[Prompt], lengths: list[int], batch_size: int) -> Iterator[list[Prompt]]:
+def _chunks(todo: list[tuple[Prompt, object]], batch_size: int) -> Iterator[list[tuple[Prompt, object]]]:
     """Batches of similar prompt length (less padding), deterministic for a given prompt list."""
     window = batch_size * 8
-    for start in range(0, len(prompts), window):
-        part = sorted(range(start, min(start + window, len(prompts))), key=lambda i: lengths[i])
+    for start in range(0, len(todo), window):
+        part = sorted(todo[start:start + window], key=lambda item: len(item[1]))
         for b in range(0, len(part), batch_size):
-            yield [prompts[i] for i in part[b:b + batch_size]]
+            yield part[b:b + batch_size]
 
 
 def distill(model, tokenizer, prompts_source: str, out: Path, settings: dict, limit: int, batch_size: int,
@@ -225,18 +221,17 @@ def distill(model, tokenizer, prompts_source: str, out: Path, settings: dict, li
     done = plan_out(out, settings)
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    todo, lengths, skipped_long, seen = [], [], 0, 0
+    todo, skipped_long, seen = [], 0, 0  # todo: (prompt, its ids), encoded once
     for p in iter_prompts(prompts_source):
         if seen >= limit:
             break
-        n = len(encode_prompt(tokenizer, p.text)[0])
-        if n > settings["max_prompt_tokens"]:
+        ids = encode_prompt(tokenizer, p.text)[0]
+        if len(ids) > settings["max_prompt_tokens"]:
             skipped_long += 1
             continue
         seen += 1
         if p.key not in done:
-            todo.append(p)
-            lengths.append(n)
+            todo.append((p, ids))
     if seen == 0:
         raise InputError(f"no usable prompts (skipped {skipped_long} longer than --max-prompt-tokens)",
                          where=prompts_source)
@@ -251,7 +246,7 @@ def distill(model, tokenizer, prompts_source: str, out: Path, settings: dict, li
                TimeElapsedColumn(), TimeRemainingColumn())
     with progress("distill", *columns, console=console, fields="{rate}") as bar:
         task = bar.add_task("prompts", total=len(todo), rate="")
-        for batch in _chunks(todo, lengths, batch_size):
+        for batch in _chunks(todo, batch_size):
             records = generate_batch(model, tokenizer, batch, settings["max_new_tokens"], eos, pad_id)
             _append(out, records)
             new_tokens += sum(r["new_tokens"] for r in records)

@@ -22,7 +22,7 @@ def greedy_agreement(model, tokenizer, records: Sequence[Record], batch_size: in
     the first difference.
     """
     from msn.distill import greedy_batch
-    from msn.prompting import eos_ids
+    from msn.prompting import encode_prompt, eos_ids
 
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -35,8 +35,8 @@ def greedy_agreement(model, tokenizer, records: Sequence[Record], batch_size: in
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         budget = max(n for _, _, n in chunk) + 8
-        got = greedy_batch(model, tokenizer, [u for u, _, _ in chunk], budget, eos, pad_id)
-        for (_, ref, _), (_, new, _) in zip(chunk, got, strict=True):
+        got = greedy_batch(model, [encode_prompt(tokenizer, u)[0] for u, _, _ in chunk], budget, eos, pad_id)
+        for (_, ref, _), (new, _) in zip(chunk, got, strict=True):
             text = tokenizer.decode(new, skip_special_tokens=True)
             n = len(os.path.commonprefix([ref, text]))
             exact += n == len(ref)
