@@ -11,6 +11,9 @@ import torch
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "gpt2", "phi3")
 TINY_VOCAB = 128
+# The tiny models' device: CI and this machine run on the CPU; MSN_TEST_DEVICE=cuda runs the equivalence
+# tests on a GPU (benchmarks/gpu_check.sh).
+DEVICE = torch.device(os.environ.get("MSN_TEST_DEVICE", "cpu"))
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 SPEC_BENCH = Path(os.environ.get("MSN_SPEC_BENCH", SPEC_BENCH))
@@ -46,7 +49,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa", dtype=dtype)
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 @pytest.fixture(autouse=True)

@@ -121,3 +121,22 @@ def test_bench_methods_with_compile_suffix_run_the_compiled_path():
     assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens
     with pytest.raises(Exception, match="could not use the compiled path"):
         run_turn(tiny_model("gemma3"), tok, "ar+compile", ids, 4, None, [2])
+
+
+def test_compile_defaults_to_on_for_cuda_models_only(monkeypatch):
+    """``compile=None`` (the default everywhere): compiled where it wins (a CUDA model the static path can
+    serve), eager on a CPU; an explicit True/False always wins."""
+    llama, gemma = tiny_model("llama"), tiny_model("gemma3")
+    assert static_kv.resolve_compile(llama, None) is (llama.device.type == "cuda")
+    assert static_kv.resolve_compile(llama, True) and not static_kv.resolve_compile(llama, False)
+    cuda = torch.device("cuda")
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "device", property(lambda self: cuda))
+    assert gemma.device == cuda
+    assert static_kv.resolve_compile(llama, None)
+    assert not static_kv.resolve_compile(gemma, None), "sliding window: the static path cannot serve it"
+    assert not static_kv.resolve_compile(llama, False)
+    monkeypatch.undo()
+    out = msn.generate(llama, torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+    assert out.compiled is (llama.device.type == "cuda")

@@ -47,11 +47,11 @@ def prompts(draw):
 
 def hf_greedy(model, ids, n, eos):
     kw = {} if eos is None else {"eos_token_id": eos}
-    return model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
+    return model.generate(ids.to(model.device), do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
 
 
 def ar_gap(model, prefix: torch.Tensor) -> float:
-    top = model(prefix).logits[0, -1].topk(2).values
+    top = model(prefix.to(model.device)).logits[0, -1].topk(2).values
     return float(top[0] - top[1])
 
 
@@ -191,7 +191,7 @@ class Collect(BaseStreamer):
 @pytest.mark.parametrize("method", msn.METHODS)
 def test_custom_generate_equals_plain_greedy(method):
     model = _model("llama", 1)
-    ids = torch.tensor([[7, 8, 9, 10, 7, 8, 9, 11, 12, 7, 8] * 3])  # longer than the default max_length (20)
+    ids = torch.tensor([[7, 8, 9, 10, 7, 8, 9, 11, 12, 7, 8] * 3], device=model.device)  # longer than the default max_length (20)
     for n in (1, 17):
         ref = model.generate(ids, do_sample=False, max_new_tokens=n)
         got = model.generate(

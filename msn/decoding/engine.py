@@ -20,7 +20,7 @@ from msn.decoding.costs import Latency, load_or_measure
 from msn.decoding.request import Request, parse_request
 from msn.decoding.sampling import CoupledSampler, coupled_accept
 from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, VerifiedStep
-from msn.decoding.static_kv import make_kv
+from msn.decoding.static_kv import make_kv, resolve_compile
 from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
 from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
 
@@ -91,7 +91,7 @@ def decoder_state(model) -> DecoderState:
 def generate(model, input_ids=None, max_new_tokens: int | None = None, method: str = "tr-jacobi",
              tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              seed: int = 0, generation_config=None, attention_mask=None, state: DecoderState | None = None,
-             compile: bool = False, **kwargs) -> GenerateOutput | torch.Tensor:
+             compile: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:
     """Generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding: greedy, or
     sampled with ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``min_p``; exact, and for a given
     ``seed`` the same text whatever the method or tree, see :mod:`msn.decoding.sampling`).
@@ -101,7 +101,8 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     Unknown or unsupported keywords raise :class:`msn.errors.MsnError` instead of being ignored. ``state``:
     the draft tables, calibration and latency curve to use and update (default: the model's shared ones).
     ``compile=True``: verify through a static KV buffer and a ``torch.compile``-d forward per tree-size bucket
-    (see :mod:`msn.decoding.static_kv`; the first use of each bucket compiles, tens of seconds on a CPU).
+    (see :mod:`msn.decoding.static_kv`; the first use of each bucket compiles, ~30 s each); ``None`` (default):
+    compiled on a CUDA device, where it wins several-fold, eager on a CPU, where it does not.
     """
     req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
                         attention_mask, kwargs, seed)
@@ -109,7 +110,8 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     if was_training:
         model.eval()  # dropout on would decode a different (degenerate) text
     try:
-        out = _Decoder(model, req, streamer, seed, state or decoder_state(model), bool(compile)).run()
+        out = _Decoder(model, req, streamer, seed, state or decoder_state(model),
+                       resolve_compile(model, compile)).run()
     finally:
         if was_training:
             model.train()

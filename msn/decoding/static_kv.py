@@ -52,6 +52,15 @@ def unsupported(model) -> str | None:
     return None
 
 
+def resolve_compile(model, compile: bool | None) -> bool:
+    """``compile=None`` (the default) means: on where it measurably wins, a CUDA model the static path can
+    serve (docs/results.md §15: plain decoding 2.8x faster for an 8B shape, 6.7x for SmolLM2's); off on a CPU,
+    where a step is bound by memory bandwidth and compiling costs minutes for no gain (§12)."""
+    if compile is not None:
+        return bool(compile)
+    return model.device.type == "cuda" and unsupported(model) is None
+
+
 @dataclass
 class CompiledForwards:
     """Per model: the compiled forward and the static caches by length, reused across requests."""

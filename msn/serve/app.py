@@ -32,10 +32,10 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tree: Tree | str | None = None,
                queue_size: int = 16, api_key: str | None = None, default_max_tokens: int = 512,
-               compile: bool = False) -> FastAPI:
+               compile: bool | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` as ``model_id``. ``method``/``tree``: the default decoding
     (a request may override both through its ``msn`` field); ``default_max_tokens``: for requests that give
-    no max_tokens (capped by the context); ``compile``: verify through the compiled path (every request)."""
+    no max_tokens (capped by the context); ``compile``: verify through the compiled path (every request; None: on a CUDA device only)."""
     if method not in METHODS:
         raise MsnError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     device = next(model.parameters()).device
@@ -94,8 +94,11 @@ class _Server:
     """What the routes share: the model, its defaults, the worker."""
 
     def __init__(self, model, tokenizer, model_id: str, method: str, tree: Tree, device, default_max_tokens: int,
-                 worker: Worker, compile: bool = False):
-        self.model, self.tokenizer, self.model_id, self.compile = model, tokenizer, model_id, compile
+                 worker: Worker, compile: bool | None = None):
+        from msn.decoding.static_kv import resolve_compile
+
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.compile = resolve_compile(model, compile)
         self.method, self.tree, self.device = method, tree, device
         self.default_max_tokens, self.worker = default_max_tokens, worker
         self.limit = context_limit(model.config)
