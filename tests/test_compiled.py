@@ -140,3 +140,42 @@ def test_compile_defaults_to_on_for_cuda_models_only(monkeypatch):
     monkeypatch.undo()
     out = msn.generate(llama, torch.tensor([[5, 6, 7]]), max_new_tokens=3)
     assert out.compiled is (llama.device.type == "cuda")
+
+
+def test_precompile_compiles_ahead_what_a_long_request_uses():
+    """A prompt past the 512-entry cache needs a 1024-entry one: precompiled, the request itself compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    model = _model("llama")
+    long = torch.randint(3, TINY_VOCAB, (1, 470), generator=torch.Generator().manual_seed(1))
+    static_kv.precompile(model, 470 + 20, [1])
+    assert (1024, 1) in static_kv.compiled_forwards(model).warmed
+    frames = counters["stats"]["unique_graphs"]
+    out = msn.generate(model, long, max_new_tokens=20, method="ar", compile=True)
+    assert out.compiled and counters["stats"]["unique_graphs"] == frames
+    assert torch.equal(out.sequences, hf_greedy(model, long, 20, None))
+
+
+def test_the_bench_precompiles_every_cache_length_its_questions_need(monkeypatch):
+    """Compiled bench methods: the warm-up compiles each (cache length, bucket) the questions will need, so no
+    timed answer compiles (a long extraction prompt once compiled inside its own timed answer)."""
+    from fakes import ByteChatTokenizer
+
+    from msn.bench import runner
+    from msn.bench.questions import Question
+
+    calls = []
+    monkeypatch.setattr(static_kv, "precompile", lambda model, total, sizes: calls.append((total, list(sizes))))
+    monkeypatch.setattr(runner, "answer_question", lambda *a, **k: {})
+    model, tok = _model("llama"), ByteChatTokenizer(vocab_size=TINY_VOCAB)
+    qs = [Question("a", "writing", ["hi"]), Question("b", "extraction", ["x" * 600]),
+          Question("c", "writing", ["y" * 300, "again"])]
+    runner.run_questions(model, tok, qs, ["ar", "tr-jacobi+compile"], 64, lambda q, r: None, tree="auto")
+    lengths = [static_kv.cache_length(total + static_kv.BUCKETS[-1]) for total, _ in calls]
+    assert lengths == [512, 1024] and all(sizes == [1, 8, 16] for _, sizes in calls)
+    assert calls[1][0] >= 600 + 64  # sized for the prompt and the answer
+    calls.clear()
+    runner.run_questions(model, tok, qs, ["ar", "tr-jacobi"], 64, lambda q, r: None, tree="auto")
+    assert calls == [], "no compiled method, nothing compiled"
+    runner.run_questions(model, tok, qs[:1], ["ar+compile"], 64, lambda q, r: None, tree="cpu-fp32-8")
+    assert calls[0][1] == [1, 8, 16]  # a static 8-node tree verifies 9 tokens: bucket 16

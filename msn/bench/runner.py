@@ -243,6 +243,28 @@ def answer_question(
     }
 
 
+def precompile_for(model, tokenizer, questions: Sequence[Question], max_new_tokens: int,
+                   tree: TreeTemplate | str | None) -> None:
+    """Compile every (cache length, tree bucket) the compiled methods will use on these questions before any is
+    timed: a long prompt needs a longer static cache, whose first use would otherwise compile inside a timed
+    answer (§12: extraction 0.30x). A multi-turn question is sized for its longest possible last turn."""
+    from msn.decoding.static_kv import BUCKETS, auto_buckets, bucket, cache_length, precompile
+    from msn.decoding.tree import AutoTree, resolve_tree
+
+    resolved = resolve_tree(tree, model.device, model.dtype)
+    if isinstance(resolved, AutoTree):
+        sizes = auto_buckets(model)
+    else:
+        sizes = [b for b in BUCKETS if b < bucket(resolved.size + 1)] + [bucket(resolved.size + 1)]
+    lengths: dict[int, int] = {}
+    for q in questions:
+        messages = [{"role": "user", "content": t} for t in q.turns]
+        total = encode_chat(tokenizer, messages).shape[-1] + len(q.turns) * max_new_tokens + 16 * len(q.turns)
+        lengths.setdefault(cache_length(total + BUCKETS[-1]), total)
+    for total in sorted(lengths.values()):
+        precompile(model, total, sizes)
+
+
 def run_questions(
     model, tokenizer, questions: Sequence[Question], methods: Sequence[str], max_new_tokens: int,
     on_question: Callable[[Question, dict[str, dict]], None],
@@ -257,6 +279,8 @@ def run_questions(
     with one shared state, a method would draft from the table another method had just filled with its
     answer to the very same prompt, an advantage no real request has."""
     eos = eos_ids(model, tokenizer)
+    if any(m.endswith(COMPILED) for m in methods):
+        precompile_for(model, tokenizer, questions, max_new_tokens, tree)
     for q in list(questions)[:warmup]:
         short = Question(q.question_id, q.category, q.turns[:1])
         for m in methods:

@@ -130,11 +130,11 @@ def latency_path(model, compiled: bool = False) -> Path:
 def grid(model=None, compiled: bool = False) -> list[int]:
     """Tree sizes (root excluded) to measure. Compiled, each bucket measured is one more compilation: up to
     the largest bucket on a GPU, up to 16 tokens on a CPU (where larger trees rarely pay anyway)."""
-    from msn.decoding.static_kv import BUCKETS, CPU_AUTO_TOKENS
+    from msn.decoding.static_kv import CPU_AUTO_TOKENS, auto_buckets
 
     if not compiled:
         return list(GRID)
-    cap = CPU_AUTO_TOKENS if model is None or model.device.type == "cpu" else BUCKETS[-1]
+    cap = CPU_AUTO_TOKENS if model is None else max(auto_buckets(model))
     return [n for n in GRID if n + 1 <= cap]
 
 
