@@ -12,7 +12,12 @@ Rules (method.md section 1, generalised to several segments and multi-turn chats
 - a region too short for ``length`` gets the longest segment that fits, or none: never an exception;
 - several segments of one sample never overlap or touch, so no noised run is longer than ``length``;
 - ``ahead`` noise draws each noised id uniformly from all earlier ids of the same sequence, in place
-  (a draw may hit an earlier noised position and copy its noise), ``uniform`` draws from the vocabulary.
+  (a draw may hit an earlier noised position and copy its noise), ``uniform`` draws from the vocabulary;
+- ``predicted`` (optional, not the paper's) imitates a Jacobi draft: the collator places and fills the
+  segments exactly as ``ahead`` does, then at training time one no-grad forward of the model over that noised
+  batch replaces every noised input ``j`` by the model's own argmax at ``j - 1`` (:func:`predicted_noise`,
+  ``msn.predicted_noise``). A segment's first token is then a guess from a clean prefix and each later one a
+  guess conditioned on earlier noise -- what a Jacobi draft, predicted from earlier drafts, is at inference.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from msn.errors import InputError
 
-NOISE_TYPES = ("ahead", "uniform", "none")
+NOISE_TYPES = ("ahead", "uniform", "none", "predicted")
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,14 @@ def uniform_noise(
     return torch.where(noise_mask.bool(), rnd.to(input_ids.dtype), input_ids)
 
 
+def predicted_noise(input_ids: torch.Tensor, noise_mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Replace each ``noise_mask`` position ``j`` by ``logits[:, j - 1].argmax(-1)``: the model's guess of
+    ``j`` from the (noised) inputs before it. Position 0 has no guess and stays as it is."""
+    pred = logits.argmax(-1).to(input_ids.dtype)
+    shifted = torch.cat([input_ids[:, :1], pred[:, :-1]], dim=1)
+    return torch.where(noise_mask.bool(), shifted, input_ids)
+
+
 def apply_noise(
     input_ids: torch.Tensor,
     allowed: torch.Tensor,
@@ -167,7 +180,7 @@ def apply_noise(
     if not config.enabled:
         return input_ids.clone(), torch.zeros_like(input_ids, dtype=torch.bool)
     mask = sample_segments(allowed, config.length, config.segments, config.prob, generator)
-    if config.type == "ahead":
+    if config.type in ("ahead", "predicted"):  # predicted: ahead now, the model's guesses at training time
         noisy = ahead_noise(input_ids, mask, generator, attention_mask)
     else:
         if vocab_size is None:

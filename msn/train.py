@@ -1,4 +1,5 @@
-"""``msn train``: ordinary SFT on HF ``Trainer`` with MSN noise in the data collator.
+"""``msn train``: ordinary SFT on HF ``Trainer`` with MSN noise in the data collator (``--noise predicted``
+also refills the noise with the model's own guesses in the loss: ``msn.predicted_noise``).
 
 Everything distributed (DDP through ``torchrun`` / ``accelerate launch``, FSDP / DeepSpeed via their
 configs), checkpointing and resuming is Trainer's own; this module only wires the data, the collator, the
@@ -385,10 +386,19 @@ def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: No
     }
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Run (or resume) one training run; return the metadata written to ``msn.json``."""
+def trainer_class(noise: NoiseConfig) -> type:
+    """Plain HF ``Trainer``; ``PredictedNoiseTrainer`` for ``--noise predicted``, whose noise needs the model."""
+    if noise.type == "predicted":
+        from msn.predicted_noise import PredictedNoiseTrainer
+
+        return PredictedNoiseTrainer
     from transformers import Trainer
 
+    return Trainer
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run; return the metadata written to ``msn.json``."""
     validate(cfg)
     noise = cfg.noise_config()  # validates noise flags before anything heavy
     output = Path(cfg.output)
@@ -431,7 +441,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     all_callbacks = list(callbacks or [])
     if evaluate:
         all_callbacks.append(_denoise_callback(held.samples, cfg.noise_length, cfg.seed, cfg.batch_size))
-    trainer = Trainer(
+    trainer = trainer_class(noise)(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -491,7 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help=f"preset, local folder or hub id (default {d.model})")
     p.add_argument("--data", default=d.data, help="JSONL file, or a built-in dataset: sharegpt, stdlib-code")
     p.add_argument("--output", required=True, help="run folder: checkpoints, final model, msn.json")
-    p.add_argument("--noise", default=d.noise, help="ahead (default) | uniform | none (plain SFT, the control)")
+    p.add_argument("--noise", default=d.noise, help="ahead (default) | uniform | none (plain SFT, the control) | "
+                   "predicted (ahead segments refilled with the model's own shifted guesses, like Jacobi drafts)")
     p.add_argument("--noise-length", type=int, default=d.noise_length, help="positions per noise segment (default 4)")
     p.add_argument("--noise-segments", type=int, default=d.noise_segments, help="segments per sample (default 1, the paper's; 8 learns denoising "
                    "faster on short runs at ~3%% held-out loss: docs/results.md section 8)")

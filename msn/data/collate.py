@@ -59,6 +59,8 @@ class MSNCollator:
 
     The noise of a batch is seeded from ``seed`` and the batch's own token ids, not from a running
     generator: dataloader workers, DDP ranks and a resumed run therefore all reproduce the same noise.
+    Noise type ``predicted`` adds the ``noise_mask`` it placed (``[batch, seq]`` bool) for
+    ``msn.predicted_noise.PredictedNoiseTrainer``, which refills those positions with the model's guesses.
     With HF ``Trainer``, set ``remove_unused_columns=False`` if samples carry extra mask keys.
     """
 
@@ -98,11 +100,14 @@ class MSNCollator:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.pad(features)
         allowed = batch.pop("noise_allowed")
+        mask = torch.zeros_like(allowed)
         if self.noise.enabled and bool(allowed.any()):
             g = seeded_generator(self.batch_seed(batch["input_ids"]))
-            batch["input_ids"], _ = apply_noise(
+            batch["input_ids"], mask = apply_noise(
                 batch["input_ids"], allowed, self.noise, g, self.vocab_size, batch["attention_mask"]
             )
+        if self.noise.type == "predicted":
+            batch["noise_mask"] = mask
         return batch
 
 
