@@ -28,7 +28,7 @@ QUALITY_HE_PROBLEMS = 2  # ... and HumanEval at most 2 problems below plain SFT
 @dataclass(frozen=True)
 class Variant:
     name: str  # e.g. "msn-L4x8"
-    noise: str | None  # None: the base model, untrained; "none": plain SFT; "ahead": MSN
+    noise: str | None  # None: the base model, untrained; "none": plain SFT; "ahead": MSN; "predicted": see msn.noise
     length: int = 4
     segments: int = 1
 
@@ -133,7 +133,9 @@ def budget(name: str) -> list[Group]:
         return [
             Group("general", "smollm2-135m", "sharegpt", [BASE, SFT, msn(4, 4)], general_train,
                   distill=general, **common),
-            Group("ablation", "smollm2-135m", "sharegpt", [SFT, msn(1, 4), msn(4, 4), msn(8, 4), msn(4)],
+            # msn-L4x4-predicted: issue 11 item 2, the model's own (Jacobi-like) predictions as noise, vs msn-L4x4.
+            Group("ablation", "smollm2-135m", "sharegpt",
+                  [SFT, msn(1, 4), msn(4, 4), msn(8, 4), msn(4), Variant("msn-L4x4-predicted", "predicted", 4, 4)],
                   ablation_train, distill=general, ablation=True, ablation_segments=4, **common),
             Group("code", "qwen2.5-coder-0.5b", "stdlib-code", [BASE, SFT, msn(4, 4)],
                   _train(600, 4, 2, 2e-4, 20, 320, 150, 50, 64, 10), lora=True, lora_r=16,
