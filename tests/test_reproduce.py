@@ -243,6 +243,27 @@ def test_issue11_targets_are_judged_from_paired_results():
     assert rep.ratio_vs({"1": 20.0, "2": 30.0}, {"1": 10.0, "3": 1.0})["ratio"] == 2.0
 
 
+def test_predicted_noise_is_kept_only_if_it_beats_ahead_paired():
+    load_driver()
+    rep = sys.modules["report"]
+    g = next(g for g in sys.modules["budgets"].budget("distill") if g.name == "ablation")
+
+    def entry(by_jacobi, tps):
+        return {"speed": {"overall": {"tr-jacobi": {"jacobi_per_step": by_jacobi}},
+                          "per_question_tps": {"tr-jacobi": tps}}}
+
+    base = {str(i): 20.0 + i for i in range(10)}
+    variants = {"ablation-msn-L4x4": entry(0.20, base),
+                "ablation-msn-L4x4-predicted": entry(0.30, {k: v + 2.0 for k, v in base.items()})}
+    rows = rep.predicted_vs_ahead(g, variants)
+    assert len(rows) == 1 and rows[0]["variant"] == "ablation-msn-L4x4-predicted vs ablation-msn-L4x4"
+    assert rows[0]["holds"] == "yes" and "0.300 vs 0.200" in rows[0]["ours"]
+    variants["ablation-msn-L4x4-predicted"] = entry(0.30, {k: v + (1.0 if int(k) % 2 else -1.0)
+                                                          for k, v in base.items()})
+    assert rep.predicted_vs_ahead(g, variants)[0]["holds"] == "no"  # more Jacobi tokens, no faster
+    assert rep.predicted_vs_ahead(g, {**variants, "ablation-msn-L4x4": {}})[0]["holds"] == "n/a"
+
+
 def test_training_uses_every_core_and_benches_their_own_threads(tmp_path, monkeypatch):
     """Stages run one at a time: training/eval get torch's default threads, benchmarks the fixed --threads."""
     drv = load_driver()

@@ -309,6 +309,7 @@ def claims(groups: Sequence[Group], variants: dict[str, Any], t: dict[str, Any])
                              "variant": vid, "ours": f"{r['helped']}/{r['n']} categories",
                              "holds": holds(r["helped"] == r["n"])})
         if g.ablation:
+            rows += predicted_vs_ahead(g, variants)
             abl = [r for r in t["noise_length_ablation"] if r["variant"].startswith(f"{g.name}-")]
             scored = [r for r in abl if r["tr-jacobi_speedup"] is not None]
             if {r["length"] for r in scored} >= {1, 4, 8}:
@@ -320,6 +321,32 @@ def claims(groups: Sequence[Group], variants: dict[str, Any], t: dict[str, Any])
             else:
                 rows.append({"claim": "noise length 4 is best of {1, 4, 8}", "paper": "L=4",
                              "variant": f"{g.name} ablation", "ours": "n/a (ablation incomplete)", "holds": "n/a"})
+    return rows
+
+
+def predicted_vs_ahead(g: Group, variants: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 11 item 2: keep ``--noise predicted`` only if it wins against ``ahead`` at the same length and
+    segments: more Jacobi-drafted tokens per step and faster tr-jacobi, paired per question (interval above 0)."""
+    rows = []
+    for v in g.variants:
+        ahead = next((a for a in g.variants if a.noise == "ahead" and (a.length, a.segments) == (v.length, v.segments)),
+                     None)
+        if v.noise != "predicted" or ahead is None:
+            continue
+        vid, aid = f"{g.name}-{v.name}", f"{g.name}-{ahead.name}"
+        e, a = variants[vid], variants[aid]
+        mj, aj = ((_speed(x, "tr-jacobi") or {}).get("jacobi_per_step") for x in (e, a))
+        r = None
+        if e.get("speed") and a.get("speed"):
+            r = ratio_vs(e["speed"]["per_question_tps"].get("tr-jacobi", {}),
+                         a["speed"]["per_question_tps"].get("tr-jacobi", {}))
+        d = (r or {}).get("diff")
+        ok = None if None in (mj, aj) or not d else (mj > aj and d["ci95"][0] > 0)
+        ours = f"Jacobi-drafted per step {_fmt(mj, '.3f')} vs {_fmt(aj, '.3f')}"
+        if d:
+            ours += f"; tr-jacobi {r['ratio']:.2f}x, paired {d['mean']:+.1f} tok/s [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+        rows.append({"claim": "predicted noise beats ahead noise (else drop it)", "paper": "issue 11 item 2",
+                     "variant": f"{vid} vs {aid}", "ours": ours, "holds": "n/a" if ok is None else ("yes" if ok else "no")})
     return rows
 
 
