@@ -171,7 +171,7 @@ def test_the_bench_precompiles_every_cache_length_its_questions_need(monkeypatch
     qs = [Question("a", "writing", ["hi"]), Question("b", "extraction", ["x" * 600]),
           Question("c", "writing", ["y" * 300, "again"])]
     runner.run_questions(model, tok, qs, ["ar", "tr-jacobi+compile"], 64, lambda q, r: None, tree="auto")
-    lengths = [static_kv.cache_length(total + static_kv.BUCKETS[-1]) for total, _ in calls]
+    lengths = [static_kv.buffer_length(total) for total, _ in calls]
     assert lengths == [512, 1024] and all(sizes == [1, 8, 16] for _, sizes in calls)
     assert calls[1][0] >= 600 + 64  # sized for the prompt and the answer
     calls.clear()

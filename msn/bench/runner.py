@@ -248,7 +248,7 @@ def precompile_for(model, tokenizer, questions: Sequence[Question], max_new_toke
     """Compile every (cache length, tree bucket) the compiled methods will use on these questions before any is
     timed: a long prompt needs a longer static cache, whose first use would otherwise compile inside a timed
     answer (§12: extraction 0.30x). A multi-turn question is sized for its longest possible last turn."""
-    from msn.decoding.static_kv import BUCKETS, auto_buckets, bucket, cache_length, precompile
+    from msn.decoding.static_kv import BUCKETS, auto_buckets, bucket, buffer_length, precompile
     from msn.decoding.tree import AutoTree, resolve_tree
 
     resolved = resolve_tree(tree, model.device, model.dtype)
@@ -260,7 +260,7 @@ def precompile_for(model, tokenizer, questions: Sequence[Question], max_new_toke
     for q in questions:
         messages = [{"role": "user", "content": t} for t in q.turns]
         total = encode_chat(tokenizer, messages).shape[-1] + len(q.turns) * max_new_tokens + 16 * len(q.turns)
-        lengths.setdefault(cache_length(total + BUCKETS[-1]), total)
+        lengths.setdefault(buffer_length(total), total)
     for total in sorted(lengths.values()):
         precompile(model, total, sizes)
 

@@ -41,6 +41,11 @@ def cache_length(tokens: int) -> int:
     return length
 
 
+def buffer_length(total_tokens: int) -> int:
+    """The static cache a request of ``total_tokens`` (prompt + answer) gets: room for the largest tree too."""
+    return cache_length(total_tokens + BUCKETS[-1])
+
+
 def unsupported(model) -> str | None:
     """Why this model cannot use the static path (None: it can)."""
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
@@ -89,7 +94,7 @@ class StaticKV:
         from transformers import StaticCache
 
         self.model, self.kw, self.holder = model, cache_keyword(model), holder
-        self.length = cache_length(total_tokens + BUCKETS[-1])
+        self.length = buffer_length(total_tokens)
         cache = holder.caches.get(self.length)
         if cache is None:
             cache = StaticCache(config=model.config, max_cache_len=self.length)
