@@ -400,3 +400,18 @@ def test_paired_per_question_comparison(tmp_path):
     flipped = rep.paired(b, a)
     assert flipped["mean"] == pytest.approx(-r["mean"]) and flipped["losses"] == 20
     assert rep.paired({"1": 1.0}, {"2": 1.0}) is None
+
+
+def test_jacobi_depth_curve_from_answer_steps(tmp_path):
+    """Per-depth acceptance: share of all steps (every question and turn) that accepted >= d drafts."""
+    load_driver()
+    rep = sys.modules["report"]
+    answers = tmp_path / "jacobi.jsonl"
+    rows = [{"question_id": 1, "choices": [{"accept_lengths": [1, 2, 3, 1], "tree_sizes": [0, 2, 4, 2]}]},
+            {"question_id": 2, "choices": [{"accept_lengths": [5, 1, 1, 1]}]}]  # no tree sizes: steps still count
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows) + "torn line\n")
+    c = rep.depth_curve(answers, depths=4)
+    assert c["steps"] == 8
+    assert c["at_least"] == [3 / 8, 2 / 8, 1 / 8, 1 / 8]  # drafts per step: 0,1,2,0,4,0,0,0
+    assert c["nodes_per_step"] == 2.0
+    assert rep.depth_curve(tmp_path / "missing.jsonl") is None

@@ -18,6 +18,8 @@ from budgets import BY_JACOBI, DENOISE_L, METHODS, PAIRED, PAPER, QUALITY_HE_PRO
 
 from msn.clock import load_average, now
 
+DEPTHS = 4  # depth curve columns: accepted at least 1..DEPTHS Jacobi drafts in one step
+
 
 def read_json(path: Path) -> Any:
     try:
@@ -90,6 +92,7 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
                 }
                 entry["speed"]["per_question_tps"] = {m: _per_question_tps(bdir / "answers" / f"{m}.jsonl")
                                                       for m in summ["methods"]}
+                entry["speed"]["jacobi_depths"] = depth_curve(bdir / "answers" / "jacobi.jsonl")
                 by_jacobi = _per_question_mat(bdir / "answers" / "tr-jacobi.jsonl", "jacobi_accepted")
                 if by_jacobi:  # benches before the per-source counts existed have none
                     entry["speed"]["per_question_mat"][BY_JACOBI] = by_jacobi
@@ -115,6 +118,26 @@ def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, fl
     if drafted_by:
         return _per_question(path, lambda c: sum(c[drafted_by]) / len(c[drafted_by]))
     return _per_question(path, lambda c: sum(c["new_tokens"]) / sum(c["decoding_steps"]))
+
+
+def depth_curve(path: Path, depths: int = DEPTHS) -> dict[str, Any] | None:
+    """Where Jacobi's gain goes, step by step: over every decoding step of one method's answers, the share of
+    steps that accepted at least d drafts (d = 1..``depths``), and the draft nodes verified per step.
+
+    Read from pure ``jacobi`` answers this is the per-depth acceptance curve of the model's own Jacobi drafts
+    (the auto tree decides how many nodes each step verifies, so the node count is shown beside it)."""
+    lengths: list[int] = []
+    nodes: list[int] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                c = json.loads(line)["choices"][0]
+                lengths += [int(a) - 1 for a in c["accept_lengths"]]
+                nodes += [int(n) for n in (c.get("tree_sizes") or [])]
+    if not lengths:
+        return None
+    return {"steps": len(lengths), "at_least": [sum(x >= d for x in lengths) / len(lengths) for d in range(1, depths + 1)],
+            "nodes_per_step": sum(nodes) / len(nodes) if nodes else None}
 
 
 def _per_question_tps(path: Path) -> dict[str, float]:
@@ -485,6 +508,18 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
             cells = ["n/a" if not r else f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] "
                      f"{r['wins']}/{r['losses']} of {r['n']}" for r in per.values()]
             L.append(f"| {vid} | " + " | ".join(cells) + " |")
+        L.append("")
+    curves = {vid: e["speed"]["jacobi_depths"] for vid, e in report["variants"].items()
+              if (e.get("speed") or {}).get("jacobi_depths")}
+    if curves:
+        L += ["## Jacobi acceptance by depth (pure `jacobi`, every decoding step)", "",
+              "Share of decoding steps whose Jacobi drafts were accepted at least d deep, and the draft nodes the "
+              "auto tree verified per step: where a model's denoising shows up (or not) in decoding.", "",
+              "| variant | steps | " + " | ".join(f">= {d}" for d in range(1, DEPTHS + 1)) + " | nodes per step |",
+              "|---|---:|" + "---:|" * DEPTHS + "---:|"]
+        for vid, c in curves.items():
+            L.append(f"| {vid} | {c['steps']} | " + " | ".join(_fmt(x, ".3f") for x in c["at_least"])
+                     + f" | {_fmt(c['nodes_per_step'], '.2f')} |")
         L.append("")
     if t["noise_length_ablation"]:
         segs = sorted({r["segments"] for r in t["noise_length_ablation"]})
