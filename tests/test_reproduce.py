@@ -415,3 +415,18 @@ def test_jacobi_depth_curve_from_answer_steps(tmp_path):
     assert c["at_least"] == [3 / 8, 2 / 8, 1 / 8, 1 / 8]  # drafts per step: 0,1,2,0,4,0,0,0
     assert c["nodes_per_step"] == 2.0
     assert rep.depth_curve(tmp_path / "missing.jsonl") is None
+
+
+def test_last_doubling_reads_the_training_curves():
+    """Denoising and loss gap at half the steps and at the end: the report's evidence of a flat trend."""
+    load_driver()
+    rep = sys.modules["report"]
+    msn = [{"step": 190, "eval_loss": 0.52, "eval_denoise_acc": 0.12}, {"step": 380, "eval_loss": 0.49, "eval_denoise_acc": 0.13},
+           {"step": 570, "eval_loss": 0.488}, {"step": 760, "eval_loss": 0.48, "eval_denoise_acc": 0.133}]
+    sft = [{"step": 380, "eval_loss": 0.40}, {"step": 760, "eval_loss": 0.40}]
+    d = rep.last_doubling(msn, sft)
+    assert (d["from_step"], d["to_step"]) == (380, 760)
+    assert d["denoise"] == (0.13, 0.133) and d["loss"] == (0.49, 0.48)
+    assert d["loss_gap"] == pytest.approx((0.225, 0.2))
+    assert rep.last_doubling(msn, None)["loss_gap"] is None
+    assert rep.last_doubling(msn[:1]) is None

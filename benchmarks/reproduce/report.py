@@ -190,6 +190,24 @@ def _train_log(history: Any) -> list[dict[str, Any]]:
     return [r for _, r in sorted(by_step.items()) if len(r) > 1]
 
 
+def last_doubling(log: list[dict[str, Any]], sft_log: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """What the last doubling of training bought: denoising accuracy (mean over k) and held-out loss at the
+    final evaluation and at the evaluation nearest half its steps; with ``sft_log``, the held-out loss gap to
+    plain SFT at the same two steps. A flat last doubling says more of the same budget will not reach a target."""
+    rows = [r for r in log if r.get("eval_denoise_acc") is not None]
+    if len(rows) < 2:
+        return None
+    end = rows[-1]
+    half = min(rows[:-1], key=lambda r: abs(r["step"] - end["step"] / 2))
+    out = {"from_step": half["step"], "to_step": end["step"],
+           "denoise": (half["eval_denoise_acc"], end["eval_denoise_acc"]),
+           "loss": (half.get("eval_loss"), end.get("eval_loss")), "loss_gap": None}
+    sft = {r["step"]: r.get("eval_loss") for r in sft_log or []}
+    if None not in (sft.get(half["step"]), sft.get(end["step"]), *out["loss"]):
+        out["loss_gap"] = tuple(m / sft[r["step"]] - 1 for m, r in zip(out["loss"], (half, end), strict=True))
+    return out
+
+
 def _q(entry: dict, task: str, key: str) -> Any:
     return (entry["quality"].get(task) or {}).get(key)
 
@@ -553,6 +571,20 @@ def render_markdown(report: dict[str, Any], groups: Sequence[Group]) -> str:
                 L.append(f"| {vid} | {r['step']} | {_fmt(r.get('eval_loss'))} | "
                          + " ".join(_fmt(r[k], ".3f") for k in ks) + " |")
         L.append("")
+        trends = {}
+        for vid, log in t["training_curves"].items():
+            sft_log = t["training_curves"].get(f"{report['variants'][vid]['group']}-sft")
+            if report["variants"][vid]["noise"] and report["variants"][vid]["noise"]["type"] != "none":
+                trends[vid] = last_doubling(log, sft_log)
+        if any(trends.values()):
+            L += ["### Trend: what the last doubling of training steps bought", "",
+                  "| variant | steps | denoise acc | held-out loss | loss gap to plain SFT |", "|---|---|---|---|---|"]
+            for vid, d in trends.items():
+                if d:
+                    gap = "n/a" if d["loss_gap"] is None else " -> ".join(f"{100 * g:+.1f}%" for g in d["loss_gap"])
+                    L.append(f"| {vid} | {d['from_step']} -> {d['to_step']} | {_fmt(d['denoise'][0])} -> "
+                             f"{_fmt(d['denoise'][1])} | {_fmt(d['loss'][0])} -> {_fmt(d['loss'][1])} | {gap} |")
+            L.append("")
     if t["bench_runs"]:
         L += ["## Bench runs (timing context)", "",
               "| variant | questions | status | device | threads | tree | started | finished | load start/end |",
