@@ -1,0 +1,173 @@
+"""Two (or more) models, one bench run: every question answered by every model and method in turn, so a
+speed ratio between models is measured side by side, under the same load, and paired per question.
+
+    python benchmarks/paired_models.py --models runs/reproduce-distill/train/general-sft \\
+        runs/reproduce-distill/train/general-msn-L4x4 --methods ar,pld,jacobi,tr-jacobi --per-category 2 \\
+        --dtype bf16 --threads 1 --out runs/paired-sft-msn
+
+`msn bench` times one model per run; comparing two models then means comparing two runs, which is only fair
+on a machine whose load stays the same between them. Here the models take turns on every question (the
+order alternates between questions), so load drift hits both alike, and the report gives, per method, each
+model's tokens/s and MAT, the ratio of every model to the first, and the paired per-question difference with
+a 95% bootstrap interval. Answers are Spec-Bench records under OUT/answers/MODEL/METHOD.jsonl; rerunning the
+same command resumes (questions every model and method answered are skipped). Each model and method keeps its
+own decoder state (recycling table, calibration) over the run, as in `msn bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from msn.bench import runner
+from msn.bench.questions import load_questions, select
+from msn.bench.session import answered
+from msn.decoding.engine import DecoderState
+from msn.errors import InputError
+from msn.models import load_model
+from msn.outputs import atomic_write_text, check_output_dir
+from msn.prompting import eos_ids
+
+DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def labels(models: list[str]) -> list[str]:
+    """Short unique names for the answer folders: the last path part, numbered if two share it."""
+    names = [Path(m.rstrip("/")).name or m for m in models]
+    return [f"{i}-{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict | None:
+    """Per-question differences a - b on the shared questions: mean, 95% bootstrap interval, wins/losses."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    d = [a[k] - b[k] for k in keys]
+    rng = random.Random(0)
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
+    return {"n": len(d), "mean": statistics.fmean(d), "ci95": [means[int(0.025 * resamples)],
+                                                               means[int(0.975 * resamples) - 1]],
+            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
+            "ratio": sum(a[k] for k in keys) / sum(b[k] for k in keys)}
+
+
+def per_question(path: Path) -> dict[str, dict[str, float]]:
+    """question id -> tokens/s and MAT of its answer (a torn line is skipped)."""
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                c = r["choices"][0]
+                out[json.dumps(r["question_id"])] = {"tps": sum(c["new_tokens"]) / sum(c["wall_time"]),
+                                                     "mat": sum(c["new_tokens"]) / sum(c["decoding_steps"])}
+            except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
+                continue
+    return out
+
+
+def summarize(out: Path, names: list[str], methods: list[str]) -> dict:
+    """Per method: each model's mean tokens/s and MAT, and every model against the first, paired."""
+    summary: dict = {"models": names, "methods": {}}
+    for m in methods:
+        recs = {n: per_question(out / "answers" / n / f"{m}.jsonl") for n in names}
+        entry = {n: {"questions": len(r), "tokens_per_s": statistics.fmean(x["tps"] for x in r.values()) if r else None,
+                     "mat": statistics.fmean(x["mat"] for x in r.values()) if r else None} for n, r in recs.items()}
+        for n in names[1:]:
+            entry[n]["vs_first"] = {key: paired({q: x[key] for q, x in recs[n].items()},
+                                                {q: x[key] for q, x in recs[names[0]].items()})
+                                    for key in ("tps", "mat")}
+        summary["methods"][m] = entry
+    return summary
+
+
+def render(summary: dict) -> str:
+    names = summary["models"]
+    lines = ["| method | model | tokens/s | MAT | vs " + names[0] + " (tokens/s, paired per question) |",
+             "|---|---|---:|---:|---|"]
+    for m, entry in summary["methods"].items():
+        for n in names:
+            e, vs = entry[n], (entry[n].get("vs_first") or {}).get("tps")
+            cell = "–" if not vs else (f"{vs['ratio']:.2f}x, {vs['mean']:+.2f} tok/s [{vs['ci95'][0]:+.2f}, "
+                                      f"{vs['ci95'][1]:+.2f}], {vs['wins']}/{vs['losses']} of {vs['n']}")
+            tps = "n/a" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.2f}"
+            mat = "n/a" if e["mat"] is None else f"{e['mat']:.2f}"
+            lines.append(f"| {m} | {n} | {tps} | {mat} | {cell} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", required=True, help="two or more models (preset, folder or hub id)")
+    p.add_argument("--methods", default="ar,tr-jacobi", help="comma-separated msn bench methods")
+    p.add_argument("--questions", default=str(DEFAULT_QUESTIONS), help="Spec-Bench question.jsonl")
+    p.add_argument("--per-category", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tree", default=None, help="auto (default), a preset or a JSON file")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        if len(args.models) < 2:
+            raise InputError("--models needs at least two models to compare")
+        methods = runner.parse_methods(args.methods)
+        if not Path(args.questions).is_file():
+            raise InputError("question file not found; pass --questions PATH", where=args.questions)
+        questions = select(load_questions(args.questions), per_category=args.per_category, limit=args.limit)
+        out = check_output_dir(args.out)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = labels(args.models)
+    try:
+        loaded = [load_model(m, dtype=args.dtype, device="cpu") for m in args.models]
+    except (OSError, ValueError, InputError) as e:
+        print(f"error: cannot load a model: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    states = {(n, m): DecoderState() for n in names for m in methods}
+    files = {(n, m): out / "answers" / n / f"{m}.jsonl" for n in names for m in methods}
+    for f in files.values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+    done = set.intersection(*(answered(f) for f in files.values()))
+    for (model, tok), n in zip(loaded, names, strict=True):  # warm-up: one short answer per method
+        for m in methods:
+            q = questions[0]
+            short = type(q)(q.question_id, q.category, q.turns[:1])
+            runner.answer_question(model, tok, short, m, min(16, args.max_new_tokens), args.tree,
+                                   eos_ids(model, tok), n, DecoderState())
+    for i, q in enumerate(questions):
+        if json.dumps(q.question_id) in done:
+            continue
+        order = list(zip(loaded, names, strict=True))
+        records = {}
+        for (model, tok), n in (order if i % 2 == 0 else order[::-1]):  # alternate who goes first
+            for m in methods:
+                records[n, m] = runner.answer_question(model, tok, q, m, args.max_new_tokens, args.tree,
+                                                       eos_ids(model, tok), n, states[n, m])
+        for key, rec in records.items():  # written only once every model and method answered it
+            with open(files[key], "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        print(f"[{i + 1}/{len(questions)}] {q.category} {q.question_id}", flush=True)
+    summary = summarize(out, names, methods)
+    summary.update({"model_paths": args.models, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                    "max_new_tokens": args.max_new_tokens, "questions_file": args.questions,
+                    "command": " ".join(sys.argv)})
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    table = render(summary)
+    atomic_write_text(out / "summary.md", table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

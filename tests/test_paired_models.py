@@ -1,0 +1,73 @@
+"""benchmarks/paired_models.py: two models answer every question in one run, paired per question, resumable."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import save_tiny_chat_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_models.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("paired_models", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["paired_models"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("paired")
+    a = save_tiny_chat_model(root / "sft", smollm2_tokenizer, seed=0, tied=False)
+    b = save_tiny_chat_model(root / "msn", smollm2_tokenizer, seed=1, tied=False)
+    q = root / "question.jsonl"
+    rows = [{"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Another one."]},
+            {"question_id": 2, "category": "qa", "turns": ["What is 2 + 2?"]},
+            {"question_id": 3, "category": "qa", "turns": ["Name a colour."]}]
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return a, b, q
+
+
+def test_two_models_answer_every_question_then_resume(two_models, tmp_path, capsys):
+    mod = load_script()
+    a, b, q = two_models
+    out = tmp_path / "run"
+    argv = ["--models", str(a), str(b), "--methods", "ar,tr-jacobi", "--questions", str(q), "--per-category", "2",
+            "--max-new-tokens", "8", "--dtype", "fp32", "--out", str(out)]
+    assert mod.main(argv) == 0
+    for name in ("sft", "msn"):
+        for m in ("ar", "tr-jacobi"):
+            recs = [json.loads(line) for line in (out / "answers" / name / f"{m}.jsonl").read_text().splitlines()]
+            assert [r["question_id"] for r in recs] == [1, 2, 3] and all(r["model_id"] == name for r in recs)
+            assert len(recs[0]["choices"][0]["turns"]) == 2  # both MT-bench turns
+    ar_sft = [json.loads(x)["choices"][0]["turns"] for x in (out / "answers/sft/ar.jsonl").read_text().splitlines()]
+    tr_sft = [json.loads(x)["choices"][0]["turns"] for x in (out / "answers/sft/tr-jacobi.jsonl").read_text().splitlines()]
+    assert ar_sft == tr_sft  # fp32: every method writes the greedy text
+    s = json.loads((out / "summary.json").read_text())
+    vs = s["methods"]["tr-jacobi"]["msn"]["vs_first"]["tps"]
+    assert vs["n"] == 3 and vs["wins"] + vs["losses"] <= 3 and vs["ci95"][0] <= vs["mean"] <= vs["ci95"][1]
+    assert "| tr-jacobi | msn |" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    # Resume: nothing left to answer, nothing appended.
+    before = (out / "answers/msn/ar.jsonl").read_text()
+    assert mod.main(argv) == 0
+    assert (out / "answers/msn/ar.jsonl").read_text() == before
+    assert "[1/3]" not in capsys.readouterr().out
+
+
+def test_paired_statistics_and_bad_input(tmp_path, capsys):
+    mod = load_script()
+    r = mod.paired({"1": 3.0, "2": 5.0, "x": 1.0}, {"1": 2.0, "2": 4.0})
+    assert r["n"] == 2 and r["mean"] == 1.0 and r["wins"] == 2 and r["ratio"] == pytest.approx(8 / 6)
+    assert mod.paired({"1": 1.0}, {"2": 1.0}) is None
+    assert mod.labels(["runs/a/sft", "runs/b/sft", "x/msn/"]) == ["0-sft", "1-sft", "msn"]
+    assert mod.main(["--models", "a", "--out", str(tmp_path / "o")]) == 2
+    assert "at least two models" in capsys.readouterr().err
+    assert mod.main(["--models", "a", "b", "--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "question file not found" in capsys.readouterr().err
