@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from msn.bench import runner
 from msn.bench.questions import load_questions, select
 from msn.bench.session import answered
+from msn.bench.stats import paired
 from msn.decoding.engine import DecoderState
 from msn.errors import InputError
 from msn.models import load_model
@@ -41,20 +41,6 @@ def labels(models: list[str]) -> list[str]:
     """Short unique names for the answer folders: the last path part, numbered if two share it."""
     names = [Path(m.rstrip("/")).name or m for m in models]
     return [f"{i}-{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict | None:
-    """Per-question differences a - b on the shared questions: mean, 95% bootstrap interval, wins/losses."""
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return None
-    d = [a[k] - b[k] for k in keys]
-    rng = random.Random(0)
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
-    return {"n": len(d), "mean": statistics.fmean(d), "ci95": [means[int(0.025 * resamples)],
-                                                               means[int(0.975 * resamples) - 1]],
-            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
-            "ratio": sum(a[k] for k in keys) / sum(b[k] for k in keys)}
 
 
 def per_question(path: Path) -> dict[str, dict[str, float]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from budgets import BY_JACOBI, DENOISE_L, METHODS, PAIRED, PAPER, QUALITY_HE_PROBLEMS, QUALITY_LOSS_TOL, Group
 
+from msn.bench.stats import paired
 from msn.clock import load_average, now
 
 DEPTHS = 4  # depth curve columns: accepted at least 1..DEPTHS Jacobi drafts in one step
@@ -153,25 +154,6 @@ def ratio_vs(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
         return None
     diff = paired({k: a[k] for k in keys}, {k: b[k] for k in keys})
     return {"ratio": sum(a[k] for k in keys) / sum(b[k] for k in keys), "diff": diff}
-
-
-def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict[str, Any] | None:
-    """Per-question differences a - b on the questions both answered: mean, 95% bootstrap CI, wins/losses.
-
-    Each model writes its own text, so a model-level MAT mixes "better drafts" with "easier text"; pairing by
-    question and reporting the spread says whether a difference is larger than that question-to-question noise.
-    """
-    import random
-
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return None
-    d = [a[k] - b[k] for k in keys]
-    rng = random.Random(0)
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
-    return {"n": len(d), "mean": sum(d) / len(d), "ci95": (means[int(0.025 * resamples)],
-                                                          means[int(0.975 * resamples) - 1]),
-            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)}
 
 
 def _train_log(history: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,27 @@
+"""Paired comparison of two things measured on the same questions (two models, two methods).
+
+Each model writes its own answers, so a mean over questions mixes "faster decoding" with "easier text";
+pairing by question and giving a bootstrap interval says whether a difference is larger than that
+question-to-question noise. Shared by the reproduce report and benchmarks/paired_models.py.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+
+def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict[str, Any] | None:
+    """Per-question differences a - b on the questions both have: mean, 95% bootstrap interval (seeded, so a
+    report is reproducible), wins/losses, and the ratio of the sums; None when they share no question."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    d = [a[k] - b[k] for k in keys]
+    rng = random.Random(0)
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
+    total_b = sum(b[k] for k in keys)
+    return {"n": len(d), "mean": sum(d) / len(d),
+            "ci95": (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]),
+            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
+            "ratio": sum(a[k] for k in keys) / total_b if total_b else None}
