@@ -15,6 +15,19 @@ from msn.decoding.tree import TreeTemplate
 # Data and model folders
 
 
+def load_script(path: Path, name: str):
+    """A script under benchmarks/ imported as module ``name`` (registered in sys.modules, so the modules it
+    puts on the path, e.g. the reproduce driver's budgets.py and report.py, are importable afterwards)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def write_jsonl(path: Path, rows) -> Path:
     """One JSON object per line (a str row is written as is, e.g. a deliberately bad line)."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 from helpers import save_tiny_chat_model
 
@@ -14,11 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_models.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("paired_models", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["paired_models"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return helpers.load_script(SCRIPT, "paired_models")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ real model weights.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,11 +22,9 @@ DRIVER = REPO / "benchmarks" / "reproduce" / "run.py"
 
 def load_driver():
     """run.py as a module; its neighbours budgets.py and report.py are then importable as ``budgets``/``report``."""
-    spec = importlib.util.spec_from_file_location("reproduce_run", DRIVER)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_run"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from helpers import load_script
+
+    return load_script(DRIVER, "reproduce_run")
 
 
 @pytest.fixture(scope="module")
