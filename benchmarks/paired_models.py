@@ -27,13 +27,14 @@ import torch
 from msn.bench import runner
 from msn.bench.questions import load_questions, select
 from msn.bench.session import answered
-from msn.bench.stats import paired
+from msn.bench.stats import paired, per_question, tokens_per_s, tokens_per_step
 from msn.decoding.engine import DecoderState
 from msn.errors import InputError
 from msn.models import load_model
 from msn.outputs import atomic_write_text, check_output_dir
 from msn.prompting import eos_ids
 
+READ = {"tps": tokens_per_s, "mat": tokens_per_step}  # per-question values compared between models
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
@@ -43,32 +44,17 @@ def labels(models: list[str]) -> list[str]:
     return [f"{i}-{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def per_question(path: Path) -> dict[str, dict[str, float]]:
-    """question id -> tokens/s and MAT of its answer (a torn line is skipped)."""
-    out = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                c = r["choices"][0]
-                out[json.dumps(r["question_id"])] = {"tps": sum(c["new_tokens"]) / sum(c["wall_time"]),
-                                                     "mat": sum(c["new_tokens"]) / sum(c["decoding_steps"])}
-            except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
-                continue
-    return out
-
-
 def summarize(out: Path, names: list[str], methods: list[str]) -> dict:
     """Per method: each model's mean tokens/s and MAT, and every model against the first, paired."""
     summary: dict = {"models": names, "methods": {}}
     for m in methods:
-        recs = {n: per_question(out / "answers" / n / f"{m}.jsonl") for n in names}
-        entry = {n: {"questions": len(r), "tokens_per_s": statistics.fmean(x["tps"] for x in r.values()) if r else None,
-                     "mat": statistics.fmean(x["mat"] for x in r.values()) if r else None} for n, r in recs.items()}
+        recs = {n: {key: per_question(out / "answers" / n / f"{m}.jsonl", fn) for key, fn in READ.items()}
+                for n in names}
+        entry = {n: {"questions": len(r["tps"]),
+                     "tokens_per_s": statistics.fmean(r["tps"].values()) if r["tps"] else None,
+                     "mat": statistics.fmean(r["mat"].values()) if r["mat"] else None} for n, r in recs.items()}
         for n in names[1:]:
-            entry[n]["vs_first"] = {key: paired({q: x[key] for q, x in recs[n].items()},
-                                                {q: x[key] for q, x in recs[names[0]].items()})
-                                    for key in ("tps", "mat")}
+            entry[n]["vs_first"] = {key: paired(recs[n][key], recs[names[0]][key]) for key in READ}
         summary["methods"][m] = entry
     return summary
 
@@ -120,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, InputError) as e:
         print(f"error: cannot load a model: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    eos = {n: eos_ids(model, tok) for (model, tok), n in zip(loaded, names, strict=True)}
     states = {(n, m): DecoderState() for n in names for m in methods}
     files = {(n, m): out / "answers" / n / f"{m}.jsonl" for n in names for m in methods}
     for f in files.values():
@@ -129,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             q = questions[0]
             short = type(q)(q.question_id, q.category, q.turns[:1])
-            runner.answer_question(model, tok, short, m, min(16, args.max_new_tokens), args.tree,
-                                   eos_ids(model, tok), n, DecoderState())
+            runner.answer_question(model, tok, short, m, min(16, args.max_new_tokens), args.tree, eos[n], n,
+                                   DecoderState())
     for i, q in enumerate(questions):
         if json.dumps(q.question_id) in done:
             continue
@@ -138,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         records = {}
         for (model, tok), n in (order if i % 2 == 0 else order[::-1]):  # alternate who goes first
             for m in methods:
-                records[n, m] = runner.answer_question(model, tok, q, m, args.max_new_tokens, args.tree,
-                                                       eos_ids(model, tok), n, states[n, m])
+                records[n, m] = runner.answer_question(model, tok, q, m, args.max_new_tokens, args.tree, eos[n],
+                                                       n, states[n, m])
         for key, rec in records.items():  # written only once every model and method answered it
             with open(files[key], "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -10,13 +10,13 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from budgets import BY_JACOBI, DENOISE_L, METHODS, PAIRED, PAPER, QUALITY_HE_PROBLEMS, QUALITY_LOSS_TOL, Group
 
-from msn.bench.stats import paired
+from msn.bench.stats import paired, per_question, tokens_per_s, tokens_per_step
 from msn.clock import load_average, now
 
 DEPTHS = 4  # depth curve columns: accepted at least 1..DEPTHS Jacobi drafts in one step
@@ -101,24 +101,12 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
     return variants
 
 
-def _per_question(path: Path, value: Callable[[dict], float]) -> dict[str, float]:
-    """question_id -> ``value`` of its answer's first choice, over one Spec-Bench answer JSONL; a line without
-    the fields (an older bench, a torn line) is skipped."""
-    out: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
-                rec = json.loads(line)
-                out[str(rec["question_id"])] = value(rec["choices"][0])
-    return out
-
-
 def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, float]:
     """New tokens / decoding steps over all turns; with ``drafted_by`` (``jacobi_accepted``), that per-step
     count's mean instead: one source's share of MAT."""
     if drafted_by:
-        return _per_question(path, lambda c: sum(c[drafted_by]) / len(c[drafted_by]))
-    return _per_question(path, lambda c: sum(c["new_tokens"]) / sum(c["decoding_steps"]))
+        return per_question(path, lambda c: sum(c[drafted_by]) / len(c[drafted_by]))
+    return per_question(path, tokens_per_step)
 
 
 def depth_curve(path: Path, depths: int = DEPTHS) -> dict[str, Any] | None:
@@ -143,17 +131,14 @@ def depth_curve(path: Path, depths: int = DEPTHS) -> dict[str, Any] | None:
 
 def _per_question_tps(path: Path) -> dict[str, float]:
     """New tokens / wall seconds over all turns."""
-    return _per_question(path, lambda c: sum(c["new_tokens"]) / sum(c["wall_time"]))
+    return per_question(path, tokens_per_s)
 
 
 def ratio_vs(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
     """Per question a / b (tokens/s of two models on the same question): the ratio of the means and the paired
     difference a - b with its bootstrap interval (does the speed difference exceed question-to-question noise?)."""
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return None
-    diff = paired({k: a[k] for k in keys}, {k: b[k] for k in keys})
-    return {"ratio": sum(a[k] for k in keys) / sum(b[k] for k in keys), "diff": diff}
+    diff = paired(a, b)  # on the shared questions
+    return None if diff is None else {"ratio": diff["ratio"], "diff": diff}
 
 
 def _train_log(history: Any) -> list[dict[str, Any]]:

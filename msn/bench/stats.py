@@ -7,8 +7,34 @@ question-to-question noise. Shared by the reproduce report and benchmarks/paired
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+
+def tokens_per_s(choice: dict) -> float:
+    """New tokens / wall seconds over all turns of one answer's choice."""
+    return sum(choice["new_tokens"]) / sum(choice["wall_time"])
+
+
+def tokens_per_step(choice: dict) -> float:
+    """New tokens / decoding steps (forwards) over all turns: the answer's MAT."""
+    return sum(choice["new_tokens"]) / sum(choice["decoding_steps"])
+
+
+def per_question(path: Path, value: Callable[[dict], float]) -> dict[str, float]:
+    """question_id -> ``value`` of its answer's first choice, over one Spec-Bench answer JSONL; a line without
+    the fields (an older bench, a torn line) is skipped, a missing file gives {}."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
+                rec = json.loads(line)
+                out[str(rec["question_id"])] = value(rec["choices"][0])
+    return out
 
 
 def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> dict[str, Any] | None:
