@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msn
-from msn.decoding.engine import decoder_state
-from msn.decoding.sources import Budget, JacobiSource, RecyclingSource, RetrievalSource, VerifiedStep
+from msn.decoding.engine import DecoderState, decoder_state
+from msn.decoding.sources import (
+    Budget,
+    JacobiSource,
+    PromptLogits,
+    RecyclingSource,
+    RetrievalSource,
+    VerifiedStep,
+)
 from msn.decoding.sources.jacobi import NOISE
 from msn.decoding.sources.retrieval import PRIOR, RetrievalIndex, streak_bucket
 
@@ -308,12 +315,40 @@ def test_observe_records_topk_successors_per_input_token_last_write_wins():
 
 def test_begin_records_the_prefill_predictions():
     src = RecyclingSource(k=2)
-    logits = torch.randn(3, 30)
-    src.begin(torch.tensor([4, 9, 4, 7]), logits, torch.Generator())
+    prompt = torch.tensor([4, 9, 4, 7])
+    rows = src.prompt_rows(prompt[:-1])
+    assert rows.tolist() == [1, 2], "the last occurrence of each token id, sorted (4's first row is overwritten)"
+    logits = torch.randn(2, 30)
+    src.begin(prompt, PromptLogits(rows, logits), torch.Generator())
     vals, ids = logits.topk(2, dim=-1)
-    assert src.next_ids[9].tolist() == ids[1].tolist() and src.next_ids[4].tolist() == ids[2].tolist()
-    np.testing.assert_allclose(src.next_probs[9], vals[1].softmax(-1).numpy(), rtol=1e-6)
+    assert src.next_ids[9].tolist() == ids[0].tolist() and src.next_ids[4].tolist() == ids[1].tolist()
+    np.testing.assert_allclose(src.next_probs[9], vals[0].softmax(-1).numpy(), rtol=1e-6)
     assert (src.next_ids[7] == -1).all(), "the last prompt token has no prefill prediction"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefill_computes_logits_only_where_a_source_asked(family, monkeypatch):
+    """The table built from the prompt equals the one built from every prompt position's logits."""
+    model = tiny_model(family, seed=3)
+    prompt = torch.tensor([[5, 6, 5, 8, 9, 6, 10, 5, 11]])
+    tables, original = [], RecyclingSource.begin
+
+    def spy(self, prompt, prefill_logits, generator):
+        original(self, prompt, prefill_logits, generator)
+        tables.append(self.next_ids.copy())
+
+    monkeypatch.setattr(RecyclingSource, "begin", spy)
+    msn.generate(model, prompt, max_new_tokens=1, method="recycling", state=DecoderState())
+    with torch.inference_mode():
+        full = model(prompt[:, :-1]).logits[0].float()
+    expected = RecyclingSource()
+    expected._ensure(full.shape[-1])
+    vals, ids = full.topk(8, dim=-1)
+    for pos, tok in enumerate(prompt[0, :-1].tolist()):  # later rows overwrite earlier ones
+        expected.next_ids[tok] = ids[pos].numpy()
+    assert len(tables) == 1
+    # the best two per row (lower ranks may swap on near-ties: a matmul over fewer rows rounds differently)
+    assert np.array_equal(tables[0][:, :2], expected.next_ids[:, :2])
 
 
 def all_paths(src: RecyclingSource, root: int, max_depth: int) -> list[float]:

@@ -19,7 +19,7 @@ from msn.decoding.calibrate import Calibrator
 from msn.decoding.costs import Latency, load_or_measure
 from msn.decoding.request import Request, parse_request
 from msn.decoding.sampling import CoupledSampler, coupled_accept
-from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, VerifiedStep
+from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, PromptLogits, VerifiedStep
 from msn.decoding.static_kv import make_kv, resolve_compile
 from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
 from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
@@ -184,13 +184,15 @@ class _Decoder:
     def prefill(self) -> None:
         self.kv = make_kv(self.model, self.prompt_len + self.req.max_new_tokens, self.compile)
         ids = self.req.input_ids
-        logits = None
-        if self.prompt_len > 1:
-            out = self.kv.prefill(ids[:, :-1])
-            if self.sources:
-                logits = out.logits[0].float()
+        predictions = None
+        if self.prompt_len > 1:  # the last prompt token is the first step's root
+            wanted = [r for s in self.sources.values() if (r := s.prompt_rows(ids[0, :-1])) is not None]
+            rows = torch.cat(wanted).unique() if wanted else None  # unique() sorts
+            logits = self.kv.prefill(ids[:, :-1], rows)
+            if rows is not None:
+                predictions = PromptLogits(rows, logits.float())
         for src in self.sources.values():
-            src.begin(ids[0], logits, self.generator)
+            src.begin(ids[0], predictions, self.generator)
 
     def step(self) -> None:
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from msn.decoding.cache import cache_keyword
+from msn.decoding.cache import cache_keyword, prompt_forward
 
 BUCKETS = (1, 8, 16, 32, 64)  # tree tokens per forward, root included (compiled, 8 cost what 1 costs eagerly)
 CPU_AUTO_TOKENS = 16  # the auto tree on a CPU stays within 16 tokens: each bucket costs a minute to compile there
@@ -114,10 +114,11 @@ class StaticKV:
             if getattr(layer, "is_initialized", False):
                 layer.cumulative_length.fill_(n)
 
-    def prefill(self, ids: torch.Tensor):
-        """Eager (prompt lengths vary): writes entries 0..L-1 of the buffer."""
+    def prefill(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Eager (prompt lengths vary): writes entries 0..L-1 of the buffer; logits at ``rows`` as
+        DynamicKV.prefill."""
         self._set_length(0)
-        return self.model(input_ids=ids, use_cache=True, **{self.kw: self.cache})
+        return prompt_forward(self.model, ids, rows, **{self.kw: self.cache})
 
     def _mask(self, ancestors: torch.Tensor | None, n: int, size: int, past: int) -> torch.Tensor:
         device = self.model.device

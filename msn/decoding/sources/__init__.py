@@ -1,6 +1,6 @@
 """Draft sources, by name. A new source: one file with a :class:`DraftSource` subclass, one line here."""
 
-from msn.decoding.sources.base import Budget, Draft, DraftSource, VerifiedStep
+from msn.decoding.sources.base import Budget, Draft, DraftSource, PromptLogits, VerifiedStep
 from msn.decoding.sources.jacobi import JacobiSource
 from msn.decoding.sources.recycling import RecyclingSource
 from msn.decoding.sources.retrieval import RetrievalSource
@@ -11,5 +11,5 @@ SOURCES: dict[str, type[DraftSource]] = {
     "recycling": RecyclingSource,
 }
 
-__all__ = ["SOURCES", "Budget", "Draft", "DraftSource", "JacobiSource", "RecyclingSource", "RetrievalSource",
-           "VerifiedStep"]
+__all__ = ["SOURCES", "Budget", "Draft", "DraftSource", "JacobiSource", "PromptLogits", "RecyclingSource",
+           "RetrievalSource", "VerifiedStep"]

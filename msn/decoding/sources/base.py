@@ -43,6 +43,15 @@ class Draft:
 
 
 @dataclass
+class PromptLogits:
+    """The model's predictions inside the prompt, at the positions sources asked for (``rows``, sorted):
+    ``logits[i]`` is the prediction after ``prompt[rows[i]]``."""
+
+    rows: torch.Tensor  # [m] long
+    logits: torch.Tensor  # [m, V] float32
+
+
+@dataclass
 class Budget:
     """How much a source may propose this step. ``shape`` is a static template's part for this source
     (None in auto mode, where the source proposes generously and the engine selects)."""
@@ -78,8 +87,14 @@ class DraftSource:
     def configure(self, shape) -> None:
         """A static template's part for this source, or None for the auto tree (propose generously)."""
 
-    def begin(self, prompt: torch.Tensor, prefill_logits: torch.Tensor | None, generator: torch.Generator) -> None:
-        """A new request: ``prompt`` [L] ids; ``prefill_logits`` [L-1, V] float32 (None for a 1-token prompt)."""
+    def prompt_rows(self, prompt: torch.Tensor) -> torch.Tensor | None:
+        """Positions of ``prompt`` (all but its last token) whose predictions :meth:`begin` wants; None: none.
+        The prefill computes logits only there (the LM head over a long prompt is ~20% of its cost)."""
+        return None
+
+    def begin(self, prompt: torch.Tensor, prefill_logits: PromptLogits | None, generator: torch.Generator) -> None:
+        """A new request: ``prompt`` [L] ids; ``prefill_logits`` the predictions at the rows the sources asked
+        for (their union; None when none did or the prompt is one token)."""
 
     def propose(self, committed: torch.Tensor, budget: Budget) -> Draft:
         raise NotImplementedError

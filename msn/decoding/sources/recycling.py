@@ -41,11 +41,20 @@ class RecyclingSource(DraftSource):
             self.next_ids = np.full((vocab, self.k), -1, dtype=np.int64)
             self.next_probs = np.zeros((vocab, self.k), dtype=np.float32)
 
+    def prompt_rows(self, prompt: torch.Tensor) -> torch.Tensor | None:
+        """The last occurrence of each token id: an earlier one's row would be overwritten anyway."""
+        ids = prompt.cpu().numpy()[::-1]
+        if not len(ids):
+            return None
+        _, first_from_end = np.unique(ids, return_index=True)
+        return torch.from_numpy(np.sort(len(ids) - 1 - first_from_end)).to(prompt.device)
+
     def begin(self, prompt, prefill_logits, generator) -> None:
-        if prefill_logits is not None and prefill_logits.shape[0]:
-            self._ensure(prefill_logits.shape[-1])
-            vals, ids = prefill_logits.topk(min(self.k, prefill_logits.shape[-1]), dim=-1)
-            self._record(prompt[: vals.shape[0]], ids, vals.softmax(-1))
+        if prefill_logits is not None and prefill_logits.logits.shape[0]:
+            logits = prefill_logits.logits
+            self._ensure(logits.shape[-1])
+            vals, ids = logits.topk(min(self.k, logits.shape[-1]), dim=-1)
+            self._record(prompt[prefill_logits.rows], ids, vals.softmax(-1))
 
     def propose(self, committed: torch.Tensor, budget: Budget) -> Draft:
         draft = Draft()
