@@ -127,7 +127,8 @@ def quick_measurements(tmp_path, monkeypatch, busy: bool) -> None:
     monkeypatch.setenv("MSN_CACHE", str(tmp_path))
     monkeypatch.setattr(costs, "_busy", lambda: busy)
     real = costs.measure_forward
-    monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1))
+    monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1,
+                                                                            packed=kw.get("packed", False)))
 
 
 def test_a_busy_cpu_measurement_is_not_cached(tmp_path, monkeypatch):
@@ -143,10 +144,12 @@ def test_auto_tree_measures_once_and_refines_online(tmp_path, monkeypatch):
     model = tiny_model("gemma3")
     ids = torch.tensor([[40, 41, 42, 43, 40, 41, 42]])
     out = msn.generate(model, ids, max_new_tokens=12, eos_token_id=[])  # tree=None: the auto tree
-    assert out.tree.name == "auto" and latency_path(model).is_file()
+    assert out.packed, "a CPU fp32 model verifies with packed weights by default"
+    path = latency_path(model, packed=True)
+    assert out.tree.name == "auto" and path.is_file() and not latency_path(model).exists()
     latency = decoder_state(model).latency
     assert latency is not None and latency.sizes == list(GRID)
-    assert latency.seconds != json.loads(latency_path(model).read_text())["seconds"], "refined by the steps"
+    assert latency.seconds != json.loads(path.read_text())["seconds"], "refined by the steps"
     assert all(0 <= n <= latency.max_nodes for n in out.tree_sizes)
     ref = msn.generate(model, ids, max_new_tokens=12, method="ar", eos_token_id=[])
     assert torch.equal(out.sequences, ref.sequences)

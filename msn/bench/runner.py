@@ -33,7 +33,9 @@ from msn.errors import InputError, MsnError
 from msn.prompting import encode_chat, eos_ids
 
 COMPILED = "+compile"  # e.g. "tr-jacobi+compile": the same method through the compiled path (compile=True)
-BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"], *[m + COMPILED for m in ENGINE_METHODS])
+UNPACKED = "+unpacked"  # e.g. "tr-jacobi+unpacked": eager without packed weights (pack=False), the A/B for packing
+BENCH_METHODS = ("ar", "pld", *[m for m in ENGINE_METHODS if m != "ar"], *[m + COMPILED for m in ENGINE_METHODS],
+                 *[m + UNPACKED for m in ENGINE_METHODS])
 DEFAULT_METHODS = ("ar", "pld", "jacobi", "tr-jacobi")
 PLD_SETTINGS = {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3}
 
@@ -167,9 +169,10 @@ def run_turn(
         "do_sample": True, "seed": seed,
         **{k: v for k, v in dataclasses.asdict(sampling).items() if k != "seed" and v is not None},
     }
-    compiled = method.endswith(COMPILED)
-    out = generate(model, input_ids, max_new_tokens=max_new_tokens, method=method.removesuffix(COMPILED), tree=tree,
-                   eos_token_id=eos, state=state, compile=compiled, **how)
+    compiled, unpacked = method.endswith(COMPILED), method.endswith(UNPACKED)
+    out = generate(model, input_ids, max_new_tokens=max_new_tokens,
+                   method=method.removesuffix(COMPILED).removesuffix(UNPACKED), tree=tree, eos_token_id=eos,
+                   state=state, compile=compiled, **({"pack": False} if unpacked else {}), **how)
     if compiled and not out.compiled:  # never report an eager run under a compiled name
         raise MsnError(f"{method}: this model could not use the compiled path (see the warning above)")
     new = out.sequences[0, input_ids.shape[1]:]

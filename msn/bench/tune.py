@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from msn.decoding.costs import measure_forward, remeasure
+from msn.decoding.packed import resolve_pack
 from msn.decoding.tree import TreeTemplate, resolve_tree
 from msn.errors import InputError
 
@@ -151,8 +152,9 @@ def interpolate(costs: dict[int, float]) -> Callable[[int], float]:
 
 def measure_costs(model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200, repeats: int = 5,
                   seed: int = 0) -> dict[int, float]:
-    """Median seconds of one forward over k new tokens (see :func:`msn.decoding.costs.measure_forward`)."""
-    return measure_forward(model, sizes, past, repeats, seed)
+    """Median seconds of one forward over k new tokens through the path decoding uses by default (see
+    :func:`msn.decoding.costs.measure_forward`)."""
+    return measure_forward(model, sizes, past, repeats, seed, packed=resolve_pack(model, None, False))
 
 
 def measure_acceptance(model, tokenizer, template: TreeTemplate, prompts: Sequence[str],
@@ -187,7 +189,7 @@ def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: st
     log(f"measuring forward cost for {', '.join(map(str, sizes))} tokens on a {past}-token past ...")
     costs = measure_costs(model, sizes, past, repeats)
     log("  " + "  ".join(f"{k}: {1000 * v:.1f} ms" for k, v in costs.items()))
-    latency, path = remeasure(model)
+    latency, path = remeasure(model, packed=resolve_pack(model, None, False))
     log(f"auto tree t(n) remeasured ({path}): "
         + "  ".join(f"{n}: {1000 * t:.1f} ms" for n, t in zip(latency.sizes, latency.seconds, strict=True)))
     log(f"measuring acceptance per node of {start.name} ({start.size} nodes) on {len(prompts)} prompts ...")

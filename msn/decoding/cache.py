@@ -101,11 +101,18 @@ class DynamicKV:
 
     compiled = False
 
-    def __init__(self, model):
+    def __init__(self, model, packing=None):
         self.model, self.kw, self.cache = model, cache_keyword(model), new_cache(model)
+        self.packing = packing  # msn.decoding.packed.Packing while the request runs with packed weights
+
+    @property
+    def packed(self) -> bool:
+        return self.packing is not None
 
     def prefill(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run the prompt (``[1, L]``) into the cache; returns the logits at ``rows`` (see prompt_forward)."""
+        if self.packing is not None:
+            self.packing.use(0)
         return prompt_forward(self.model, ids, rows, **{self.kw: self.cache})
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None,
@@ -114,6 +121,8 @@ class DynamicKV:
         ([n, n] bool; None: a single token with the model's own causal mask)."""
         from msn.decoding.trie import tree_mask
 
+        if self.packing is not None:
+            self.packing.use(tokens.shape[0])
         if ancestors is None:
             out = self.model(input_ids=tokens[None], use_cache=True, **{self.kw: self.cache})
         else:

@@ -28,15 +28,23 @@ logger = logging.getLogger("msn")
 
 @torch.inference_mode()
 def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int = 3, seed: int = 0,
-                    compiled: bool = False) -> dict[int, float]:
+                    compiled: bool = False, packed: bool = False) -> dict[int, float]:
     """Median seconds of one forward over k new tokens on a ``past``-token cache, through the same
     verification path the engine uses (k = 1: plain causal step; k > 1: a chain with explicit positions and
-    a 4-D mask; ``compiled``: the static compiled path, whose first round compiles each bucket)."""
+    a 4-D mask; ``compiled``: the static compiled path, whose first round compiles each bucket; ``packed``:
+    the eager path with packed Linear weights, msn.decoding.packed)."""
+    from msn.decoding.packed import packing
+
+    with packing(model, packed) as pk:
+        return _measure(model, sizes, past, repeats, seed, compiled, pk)
+
+
+def _measure(model, sizes, past, repeats, seed, compiled, pk) -> dict[int, float]:
     from msn.decoding.static_kv import make_kv
 
     gen = torch.Generator().manual_seed(seed)
     vocab, device = model.config.vocab_size, model.device
-    kv = make_kv(model, past + max(sizes), compiled)
+    kv = make_kv(model, past + max(sizes), compiled, pk)
     kv.prefill(torch.randint(0, vocab, (1, past), generator=gen).to(device))
     none_kept = torch.empty(0, dtype=torch.long, device=device)
     times: dict[int, list[float]] = {k: [] for k in sizes}
@@ -54,16 +62,16 @@ def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def cache_key(model, compiled: bool = False) -> str:
+def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
     """Latency depends on shapes, not weights: the config (minus its name), device, dtype, threads, torch, and
-    whether the forward is compiled."""
+    the forward's path (compiled, eager with packed weights, eager)."""
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     device = model.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
     raw = json.dumps([config, where, str(model.dtype), torch.__version__], sort_keys=True, default=str)
     arch = config.get("model_type") or "model"
-    kind = "-compiled" if compiled else ""
+    kind = "-compiled" if compiled else "-packed" if packed else ""
     return (f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}{kind}-"
             f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}")
 
@@ -121,10 +129,10 @@ class Latency:
         return {"sizes": self.sizes, "seconds": self.seconds, "source": self.source}
 
 
-def latency_path(model, compiled: bool = False) -> Path:
+def latency_path(model, compiled: bool = False, packed: bool = False) -> Path:
     from msn.models import cache_dir
 
-    return cache_dir() / "latency" / f"{cache_key(model, compiled)}.json"
+    return cache_dir() / "latency" / f"{cache_key(model, compiled, packed)}.json"
 
 
 def grid(model=None, compiled: bool = False) -> list[int]:
@@ -138,9 +146,10 @@ def grid(model=None, compiled: bool = False) -> list[int]:
     return [n for n in GRID if n + 1 <= cap]
 
 
-def load_or_measure(model, compiled: bool = False) -> Latency:
-    """The cached curve for this model shape/device/dtype/threads, or a fresh measurement (saved atomically)."""
-    path = latency_path(model, compiled)
+def load_or_measure(model, compiled: bool = False, packed: bool = False) -> Latency:
+    """The cached curve for this model shape/device/dtype/threads/path, or a fresh measurement (saved
+    atomically)."""
+    path = latency_path(model, compiled, packed)
     try:
         data = json.loads(path.read_text())
         return Latency(dict(zip(data["sizes"], data["seconds"], strict=True)), source=str(path))
@@ -148,7 +157,7 @@ def load_or_measure(model, compiled: bool = False) -> Latency:
         pass
     logger.info("msn: measuring forward latency t(n) for the auto tree, once per model shape/device/dtype/"
                 "threads (a few seconds): %s", path)
-    return remeasure(model, compiled=compiled)[0]
+    return remeasure(model, compiled=compiled, packed=packed)[0]
 
 
 def _busy() -> bool:
@@ -159,11 +168,12 @@ def _busy() -> bool:
         return False
 
 
-def remeasure(model, repeats: int = 3, compiled: bool = False) -> tuple[Latency, Path]:
+def remeasure(model, repeats: int = 3, compiled: bool = False, packed: bool = False) -> tuple[Latency, Path]:
     """Measure t(n) on the grid now and replace the cached curve (``msn tune-tree`` calls this). On a
     CPU that is busy with other work the curve is used for this process only, never cached."""
-    path = latency_path(model, compiled)
-    measured = measure_forward(model, [n + 1 for n in grid(model, compiled)], repeats=repeats, compiled=compiled)
+    path = latency_path(model, compiled, packed)
+    measured = measure_forward(model, [n + 1 for n in grid(model, compiled)], repeats=repeats, compiled=compiled,
+                               packed=packed)
     latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path))
     if model.device.type == "cpu" and _busy():
         latency.source = "measured on a busy CPU (not cached)"

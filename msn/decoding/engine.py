@@ -17,6 +17,7 @@ import torch
 from msn.decoding import trie as trie_mod
 from msn.decoding.calibrate import Calibrator
 from msn.decoding.costs import Latency, load_or_measure
+from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import Request, parse_request
 from msn.decoding.sampling import CoupledSampler, coupled_accept
 from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, PromptLogits, VerifiedStep
@@ -44,6 +45,7 @@ class GenerateOutput:
     node_hits: torch.Tensor | None = None  # static templates: per template node (root first), steps accepted
     retrieval_lengths: list[int] | None = None  # per step: tokens the retrieval chain drafted (0: no match)
     compiled: bool = False  # verified through the compiled static path (compile=True, where it could be used)
+    packed: bool = False  # verified with packed Linear weights (pack, msn.decoding.packed)
 
     @property
     def mean_accepted(self) -> float:
@@ -67,12 +69,12 @@ class DecoderState:
 
     sources: dict[str, DraftSource] = field(default_factory=lambda: {n: cls() for n, cls in SOURCES.items()})
     calibrator: Calibrator = field(default_factory=Calibrator)
-    latencies: dict[bool, Latency] = field(default_factory=dict)  # t(n) of the eager / the compiled forward
+    latencies: dict[str, Latency] = field(default_factory=dict)  # t(n) per forward path (see _path)
 
     @property
     def latency(self) -> Latency | None:
-        """The eager forward's t(n)."""
-        return self.latencies.get(False)
+        """The uncompiled forward's t(n) (packed weights where used)."""
+        return self.latencies.get("packed") or self.latencies.get("eager")
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -91,7 +93,7 @@ def decoder_state(model) -> DecoderState:
 def generate(model, input_ids=None, max_new_tokens: int | None = None, method: str = "tr-jacobi",
              tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
              seed: int = 0, generation_config=None, attention_mask=None, state: DecoderState | None = None,
-             compile: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:
+             compile: bool | None = None, pack: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:
     """Generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding: greedy, or
     sampled with ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``min_p``; exact, and for a given
     ``seed`` the same text whatever the method or tree, see :mod:`msn.decoding.sampling`).
@@ -102,7 +104,9 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     the draft tables, calibration and latency curve to use and update (default: the model's shared ones).
     ``compile=True``: verify through a static KV buffer and a ``torch.compile``-d forward per tree-size bucket
     (see :mod:`msn.decoding.static_kv`; the first use of each bucket compiles, ~30 s each); ``None`` (default):
-    compiled on a CUDA device, where it wins several-fold, eager on a CPU, where it does not.
+    compiled on a CUDA device, where it wins several-fold, eager on a CPU, where it does not. ``pack``: on a CPU,
+    verify with the Linear weights packed once for oneDNN (:mod:`msn.decoding.packed`; trees cost less, bf16
+    results bit-identical); ``None`` (default): on for bf16/fp32 CPU models decoded eagerly.
     """
     req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
                         attention_mask, kwargs, seed)
@@ -110,8 +114,9 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     if was_training:
         model.eval()  # dropout on would decode a different (degenerate) text
     try:
-        out = _Decoder(model, req, streamer, seed, state or decoder_state(model),
-                       resolve_compile(model, compile)).run()
+        compile = resolve_compile(model, compile)
+        with packing(model, resolve_pack(model, pack, compile)) as pk:
+            out = _Decoder(model, req, streamer, seed, state or decoder_state(model), compile, pk).run()
     finally:
         if was_training:
             model.train()
@@ -121,10 +126,11 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
 class _Decoder:
     """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
-    def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState, compile: bool = False):
+    def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState, compile: bool = False,
+                 packing=None):
         self.model, self.req, self.streamer = model, req, streamer
         self.device, self.dtype = req.input_ids.device, model.dtype
-        self.compile = compile
+        self.compile, self.packing = compile, packing
         self.generator = torch.Generator().manual_seed(seed)
         self.prompt_len = req.input_ids.shape[1]
         self.committed = torch.empty(self.prompt_len + req.max_new_tokens, dtype=torch.long, device=self.device)
@@ -139,9 +145,10 @@ class _Decoder:
         self.top_k = max((getattr(s, "top_k_needed", 0) for s in self.sources.values()), default=0)
         self.latency = None
         if self.auto and self.sources:
-            if self.state.latencies.get(compile) is None:
-                self.state.latencies[compile] = load_or_measure(model, compiled=compile)
-            self.latency = self.state.latencies[compile]
+            path = "compiled" if compile else "packed" if packing is not None else "eager"
+            if self.state.latencies.get(path) is None:
+                self.state.latencies[path] = load_or_measure(model, compiled=compile, packed=packing is not None)
+            self.latency = self.state.latencies[path]
         self.accept_lengths: list[int] = []
         self.accepted_by_source = {name: [] for name in SOURCES} if self.sources else {}
         self.nodes_by_source = {name: [] for name in SOURCES} if self.sources else {}
@@ -179,10 +186,11 @@ class _Decoder:
             node_hits=self.node_hits,
             retrieval_lengths=self.chain_lengths,
             compiled=self.kv.compiled,
+            packed=self.kv.packed,
         )
 
     def prefill(self) -> None:
-        self.kv = make_kv(self.model, self.prompt_len + self.req.max_new_tokens, self.compile)
+        self.kv = make_kv(self.model, self.prompt_len + self.req.max_new_tokens, self.compile, self.packing)
         ids = self.req.input_ids
         predictions = None
         if self.prompt_len > 1:  # the last prompt token is the first step's root

@@ -90,6 +90,8 @@ def compile_forward(model):
 class StaticKV:
     """Same interface as :class:`msn.decoding.cache.DynamicKV`; see the module docstring."""
 
+    packed = False  # inductor's freezing packs the compiled graph's weights itself
+
     def __init__(self, model, total_tokens: int, holder: CompiledForwards):
         from transformers import StaticCache
 
@@ -212,7 +214,7 @@ def compiled_forwards(model) -> CompiledForwards:
     return _FORWARDS.setdefault(model, CompiledForwards())
 
 
-def make_kv(model, total_tokens: int, compile: bool):
+def make_kv(model, total_tokens: int, compile: bool, packing=None):
     """The verification path for one request: compiled static (``compile``, where the model allows it) or
     eager dynamic. A model the static path cannot serve is said once, then decoded eagerly."""
     from msn.decoding.cache import DynamicKV
@@ -225,4 +227,4 @@ def make_kv(model, total_tokens: int, compile: bool):
             _WARNED.add(model)
             logger.warning("msn: compile=True is not supported for this model (%s); decoding without compilation",
                            why)
-    return DynamicKV(model)
+    return DynamicKV(model, packing)
