@@ -44,7 +44,6 @@ def gguf_path() -> Path:
 
 def llamacpp_greedy(llm, ids: list[int], max_new_tokens: int) -> tuple[int, float]:
     """New tokens and seconds for llama.cpp's greedy decoding of ``ids`` (prompt evaluation included)."""
-    llm.reset()
     start = time.perf_counter()
     new = 0
     for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -76,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = select(load_questions(args.questions), per_category=args.per_category, limit=args.limit)
     model, tok = load_model("smollm2-135m", dtype=args.dtype)
     eos = eos_ids(model, tok)
-    llm = Llama(model_path=str(gguf_path()), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
+    gguf = gguf_path()
+    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
                 n_batch=512, verbose=False)
     states = {m: DecoderState() for m in ("ar", "tr-jacobi")}
     rows = []
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print("median per-question ratio to llama.cpp: " + "  ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(
-            {"settings": vars(args), "gguf": gguf_path().name, "torch_dtype": args.dtype,
+            {"settings": vars(args), "gguf": gguf.name, "torch_dtype": args.dtype,
              "median_tps": summary, "median_ratio_to_llamacpp": ratios, "questions": rows}, indent=1) + "\n")
     return 0
 

@@ -172,7 +172,7 @@ def run_turn(
     compiled, unpacked = method.endswith(COMPILED), method.endswith(UNPACKED)
     out = generate(model, input_ids, max_new_tokens=max_new_tokens,
                    method=method.removesuffix(COMPILED).removesuffix(UNPACKED), tree=tree, eos_token_id=eos,
-                   state=state, compile=compiled, **({"pack": False} if unpacked else {}), **how)
+                   state=state, compile=compiled, pack=False if unpacked else None, **how)
     if compiled and not out.compiled:  # never report an eager run under a compiled name
         raise MsnError(f"{method}: this model could not use the compiled path (see the warning above)")
     new = out.sequences[0, input_ids.shape[1]:]

@@ -34,13 +34,11 @@ def prompt_forward(model, ids: torch.Tensor, rows: torch.Tensor | None, **kw):
     """The prefill forward, computing logits only at ``rows`` (positions of ``ids[0]``; None: only the
     last, which nothing reads). The LM head over a long prompt is ~20% of its prefill (SmolLM2, 700 tokens),
     work the decoder mostly does not need. Returns logits ``[len(rows), V]`` (None when rows is None)."""
-    keep = 1 if rows is None else rows
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        logits = model(input_ids=ids, use_cache=True, logits_to_keep=keep, **kw).logits[0]
-    else:  # a model without logits_to_keep computes them all
-        logits = model(input_ids=ids, use_cache=True, **kw).logits[0]
-        logits = logits[-1:] if rows is None else logits[rows]
-    return None if rows is None else logits
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1 if rows is None else rows, **kw)
+        return None if rows is None else out.logits[0]
+    out = model(input_ids=ids, use_cache=True, **kw)  # a model without logits_to_keep computes them all
+    return None if rows is None else out.logits[0, rows]
 
 
 def _kv_pairs(cache):

@@ -69,7 +69,7 @@ class DecoderState:
 
     sources: dict[str, DraftSource] = field(default_factory=lambda: {n: cls() for n, cls in SOURCES.items()})
     calibrator: Calibrator = field(default_factory=Calibrator)
-    latencies: dict[str, Latency] = field(default_factory=dict)  # t(n) per forward path (see _path)
+    latencies: dict[str, Latency] = field(default_factory=dict)  # t(n) per forward path: "compiled", "packed", "eager"
 
     @property
     def latency(self) -> Latency | None:
