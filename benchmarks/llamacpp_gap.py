@@ -34,9 +34,9 @@ DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "s
 
 def gguf_path() -> Path:
     """The GGUF file the smollm2-135m preset is converted from (found without importing its package)."""
-    from msn.models import PRESETS, _gguf_parts
+    from msn.models import PRESETS, gguf_parts
 
-    parts = _gguf_parts(PRESETS["smollm2-135m"])
+    parts = gguf_parts(PRESETS["smollm2-135m"])
     if len(parts) != 1:
         raise InputError(f"expected one GGUF file for smollm2-135m, found {len(parts)}")
     return parts[0]

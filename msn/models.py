@@ -89,7 +89,7 @@ def _package_dir(requirement: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _gguf_parts(preset: Preset) -> list[Path]:
+def gguf_parts(preset: Preset) -> list[Path]:
     """Locate the GGUF file (or its ordered parts) inside the installed packages, without importing them."""
     dirs = [_package_dir(r) for r in preset.packages]
     missing = [r for r, d in zip(preset.packages, dirs, strict=True) if d is None]
@@ -118,7 +118,7 @@ def preset_path(name: str) -> Path:
     if (out / "config.json").is_file():
         _portable_tokenizer_class(out)
         return out
-    parts = _gguf_parts(preset)
+    parts = gguf_parts(preset)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
         tmp_path = Path(tmp)
