@@ -32,10 +32,12 @@ def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int 
     """Median seconds of one forward over k new tokens on a ``past``-token cache, through the same
     verification path the engine uses (k = 1: plain causal step; k > 1: a chain with explicit positions and
     a 4-D mask; ``compiled``: the static compiled path, whose first round compiles each bucket; ``packed``:
-    the eager path with packed Linear weights, msn.decoding.packed)."""
+    the eager path with packed Linear weights, msn.decoding.packed; the eager paths attend as the engine does,
+    msn.decoding.attention)."""
+    from msn.decoding.attention import gqa_attention
     from msn.decoding.packed import packing
 
-    with packing(model, packed) as pk:
+    with packing(model, packed) as pk, gqa_attention(model, not compiled):
         return _measure(model, sizes, past, repeats, seed, compiled, pk)
 
 

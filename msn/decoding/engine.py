@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from msn.decoding import trie as trie_mod
+from msn.decoding.attention import gqa_attention
 from msn.decoding.calibrate import Calibrator
 from msn.decoding.costs import Latency, load_or_measure
 from msn.decoding.packed import packing, resolve_pack
@@ -115,7 +116,7 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
         model.eval()  # dropout on would decode a different (degenerate) text
     try:
         compile = resolve_compile(model, compile)
-        with packing(model, resolve_pack(model, pack, compile)) as pk:
+        with packing(model, resolve_pack(model, pack, compile)) as pk, gqa_attention(model, not compile):
             out = _Decoder(model, req, streamer, seed, state or decoder_state(model), compile, pk).run()
     finally:
         if was_training:

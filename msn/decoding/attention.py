@@ -1,0 +1,71 @@
+"""Tree attention over grouped key/value heads without copying the cache, on a CPU.
+
+Given an explicit mask, transformers' ``sdpa`` attention repeats every key/value head for its group of query
+heads (``repeat_kv``): a copy of the whole cache, per layer, per step, because CUDA's fused kernels would fall
+back to the math kernel with a mask and grouped heads. Every tree step passes a mask (the 4-D tree mask), so on
+a long prompt a tree step pays that copy where a one-token step (no mask) does not. On a CPU torch's own SDPA
+takes grouped heads and a mask together (``enable_gqa``): 1.7-3.3x faster per layer at a 900-token cache
+(docs/results.md §17). Installed for one request like the packed weights, and only where it is the same
+computation: an ``sdpa`` model with grouped heads, on a CPU; any call with dropout, a soft cap, sinks, a
+position bias or no mask goes to transformers' function unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+NAME = "msn_gqa_sdpa"
+enabled = True  # a process-wide switch, for A/B runs (benchmarks/paired_variants.py: attention.enabled=False)
+_UNSUPPORTED = ("softcap", "sinks", "s_aux", "output_attentions")
+
+
+def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, position_bias: torch.Tensor | None = None, **kwargs):
+    """transformers' attention-function signature: ``query`` [b, h, n, d], ``key``/``value`` [b, h_kv, L, d];
+    returns ([b, n, h, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (attention_mask is None or dropout or position_bias is not None or query.device.type != "cpu"
+            or getattr(module, "num_key_value_groups", 1) <= 1 or key.shape[-1] != value.shape[-1]
+            or any(kwargs.get(k) for k in _UNSUPPORTED)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, gqa_sdpa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the masks transformers builds itself: sdpa's
+
+
+def usable(model) -> bool:
+    """An ``sdpa`` model on a CPU whose attention groups query heads (Llama, Qwen2, Mistral, Gemma, ...)."""
+    config = model.config
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    return (model.device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
+            and isinstance(heads, int) and isinstance(kv_heads, int) and heads > kv_heads > 0)
+
+
+@contextmanager
+def gqa_attention(model, wanted: bool = True) -> Iterator[bool]:
+    """For the ``with`` block, the model's attention runs :func:`gqa_sdpa_forward`; the user's config is
+    restored afterwards, also on an error. Yields whether it is installed."""
+    if not (wanted and enabled and usable(model)):
+        yield False
+        return
+    _register()
+    config = model.config
+    config._attn_implementation = NAME
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"

@@ -1,0 +1,78 @@
+"""msn.decoding.attention: grouped-head tree attention without repeat_kv, installed per request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, tiny_model
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import msn
+from msn.decoding import attention
+
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the grouped-head path is for CPU models")
+
+
+class Grouped(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_attention_equals_transformers_sdpa_with_a_tree_mask(dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 5, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 12, 16, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.ones(5, 12, dtype=torch.bool)
+    allowed[:, 7:] = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0],
+                                   [1, 1, 0, 0, 1]], dtype=torch.bool)  # a tree over the last 5 entries
+    mask = torch.zeros(1, 1, 5, 12, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    ours, _ = attention.gqa_sdpa_forward(Grouped(), q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(Grouped(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (1, 5, 6, 16)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+
+
+def test_calls_it_does_not_cover_go_to_transformers(monkeypatch):
+    calls = []
+    monkeypatch.setattr("transformers.integrations.sdpa_attention.sdpa_attention_forward",
+                        lambda *a, **kw: calls.append(kw) or ("theirs", None))
+    q, k = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 4, 16)
+    mask = torch.zeros(1, 1, 1, 4)
+    assert attention.gqa_sdpa_forward(Grouped(), q, k, k, None)[0] == "theirs", "no mask: the causal one-token path"
+    assert attention.gqa_sdpa_forward(Grouped(), q, k, k, mask, dropout=0.1)[0] == "theirs"
+    assert attention.gqa_sdpa_forward(Grouped(), q, k, k, mask, softcap=30.0)[0] == "theirs"
+    assert attention.gqa_sdpa_forward(torch.nn.Module(), q, k, k, mask)[0] == "theirs", "no grouped heads"
+    assert len(calls) == 4
+    assert attention.gqa_sdpa_forward(Grouped(), q, k, k, mask)[0].shape == (1, 1, 6, 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_installed_for_one_request_and_only_where_heads_are_grouped(family, monkeypatch):
+    model = tiny_model(family)
+    seen = []
+    original = attention.gqa_sdpa_forward
+    monkeypatch.setattr(attention, "gqa_sdpa_forward", lambda *a, **kw: seen.append(a[4] is not None) or original(*a, **kw))
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    out = msn.generate(model, ids, max_new_tokens=12, method="tr-jacobi")
+    assert model.config._attn_implementation == "sdpa", "the user's model is left as it was"
+    ar = msn.generate(model, ids, max_new_tokens=12, method="ar")
+    assert torch.equal(out.sequences, ar.sequences)
+    if family == "gpt2":  # one key/value head per query head: nothing to gain, never installed
+        assert seen == []
+    else:
+        assert any(seen), "tree steps (a mask) went through the grouped-head path"
+
+
+def test_restored_after_an_error_and_switched_off_globally(monkeypatch):
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError), attention.gqa_attention(model) as on:
+        assert on and model.config._attn_implementation == attention.NAME
+        raise RuntimeError("mid-answer")
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(attention, "enabled", False)
+    with attention.gqa_attention(model) as on:
+        assert not on and model.config._attn_implementation == "sdpa"
+    eager = tiny_model("llama")
+    eager.config._attn_implementation = "eager"
+    assert not attention.usable(eager), "a model the user set to eager attention keeps it"
