@@ -326,6 +326,14 @@ def test_begin_records_the_prefill_predictions():
     assert (src.next_ids[7] == -1).all(), "the last prompt token has no prefill prediction"
 
 
+def test_prompt_rows_keep_the_latest_distinct_ids_of_a_long_prompt():
+    prompt = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5])
+    assert RecyclingSource().prompt_rows(prompt).tolist() == [2, 3, 5, 6, 7, 9, 10], "each id's last occurrence"
+    assert RecyclingSource(prompt_rows=3).prompt_rows(prompt).tolist() == [7, 9, 10]
+    assert RecyclingSource(prompt_rows=5).prompt_rows(prompt).tolist() == [5, 6, 7, 9, 10], "the latest five"
+    assert RecyclingSource(prompt_rows=0).prompt_rows(prompt) is None
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_prefill_computes_logits_only_where_a_source_asked(family, monkeypatch):
     """The table built from the prompt equals the one built from every prompt position's logits."""
