@@ -27,11 +27,11 @@ import torch
 from msn.bench import runner
 from msn.bench.questions import load_questions, select
 from msn.bench.session import answered
-from msn.bench.stats import paired, per_question, tokens_per_s, tokens_per_step
+from msn.bench.stats import append_answers, paired, per_question, tokens_per_s, tokens_per_step, write_report
 from msn.decoding.engine import DecoderState
 from msn.errors import InputError
 from msn.models import load_model
-from msn.outputs import atomic_write_text, check_output_dir
+from msn.outputs import check_output_dir
 from msn.prompting import eos_ids
 
 READ = {"tps": tokens_per_s, "mat": tokens_per_step}  # per-question values compared between models
@@ -127,18 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             for m in methods:
                 records[n, m] = runner.answer_question(model, tok, q, m, args.max_new_tokens, args.tree, eos[n],
                                                        n, states[n, m])
-        for key, rec in records.items():  # written only once every model and method answered it
-            with open(files[key], "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        append_answers(files, records)
         print(f"[{i + 1}/{len(questions)}] {q.category} {q.question_id}", flush=True)
     summary = summarize(out, names, methods)
     summary.update({"model_paths": args.models, "dtype": args.dtype, "threads": torch.get_num_threads(),
                     "max_new_tokens": args.max_new_tokens, "questions_file": args.questions,
                     "command": " ".join(sys.argv)})
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    table = render(summary)
-    atomic_write_text(out / "summary.md", table + "\n")
-    print(table)
+    write_report(out, summary, render(summary))
     return 0
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from msn.outputs import atomic_write_text
 
 
 def tokens_per_s(choice: dict) -> float:
@@ -51,3 +53,18 @@ def paired(a: dict[str, float], b: dict[str, float], resamples: int = 2000) -> d
             "ci95": (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]),
             "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
             "ratio": sum(a[k] for k in keys) / total_b if total_b else None}
+
+
+def append_answers(files: Mapping[Any, Path], records: Mapping[Any, dict]) -> None:
+    """One question's answer records, each appended to its file; called once every side answered it, so a
+    resumed run skips whole questions and the sides stay paired."""
+    for key, rec in records.items():
+        with open(files[key], "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def write_report(out: Path, summary: dict, table: str) -> None:
+    """summary.json and summary.md (the table), written atomically; the table is printed too."""
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
+    print(table)
