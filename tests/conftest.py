@@ -52,6 +52,26 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(DEVICE).eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_latency_cache(tmp_path_factory):
+    """t(n) curves measured by the tests (tiny models, real ones on a busy test machine) go to a temporary
+    cache, never into the user's: a curve measured under the suite's load would size the user's trees later.
+    Converted presets are shared with the real cache (converting costs up to a minute each)."""
+    from msn.models import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("msn-cache")
+    (root / "models").symlink_to(models, target_is_directory=True)
+    before = os.environ.get("MSN_CACHE")
+    os.environ["MSN_CACHE"] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop("MSN_CACHE", None)
+    else:
+        os.environ["MSN_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def one_thread(request):
     """Tiny models run fastest on one torch thread, and two threads oversubscribe a busy 2-core machine many

@@ -76,3 +76,19 @@ def test_restored_after_an_error_and_switched_off_globally(monkeypatch):
     eager = tiny_model("llama")
     eager.config._attn_implementation = "eager"
     assert not attention.usable(eager), "a model the user set to eager attention keeps it"
+
+
+def test_the_latency_curve_is_kept_per_attention_path(monkeypatch):
+    """Grouped-head attention changes what a tree step costs, so its t(n) is not the repeat_kv path's: an
+    A/B with ``attention.enabled=False`` (or a curve cached before it existed) must not share one."""
+    from msn.decoding.costs import cache_key
+
+    model = tiny_model("llama")
+    key = cache_key(model, packed=True)
+    assert "-gqa-" in key
+    with attention.gqa_attention(model) as on:
+        assert on and cache_key(model, packed=True) == key, "the same key inside the request"
+    monkeypatch.setattr(attention, "enabled", False)
+    assert "-gqa-" not in cache_key(model, packed=True)
+    assert "-gqa-" not in cache_key(tiny_model("gpt2")), "no grouped heads"
+    assert "-gqa-" not in cache_key(model, compiled=True), "the compiled path attends its own way"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,106 @@ def test_observe_clips_outliers(outlier, clipped):
     b.observe(4, 2.0 * clipped)
     assert a.seconds == b.seconds
     assert a.seconds[1] == pytest.approx(2.0 * (1 + costs.ALPHA * (clipped - 1)))
+
+
+def test_observe_keeps_the_curve_non_decreasing():
+    """A refined point below its left neighbours would make every later tree that size (it looks cheaper
+    than a smaller one): the refinement pools them instead."""
+    lat = Latency({0: 1.0, 4: 1.0, 8: 1.0})
+    for _ in range(50):
+        lat.observe(8, 0.5)
+        assert lat.seconds == sorted(lat.seconds)
+    assert lat.predict(8) < 1.0 and lat.predict(0) == lat.predict(8), "pooled with the points it passed"
+
+
+def test_drift_marks_a_curve_measured_under_other_load_stale():
+    # measured during a burst: 1.5x what every step then takes; refinement alone would only fix the sizes chosen
+    lat = Latency({0: 0.15, 8: 0.15, 16: 0.15})
+    for _ in range(costs.DRIFT_MIN_STEPS - 1):
+        lat.observe(8, 0.10)
+        assert not lat.stale, "judged only after enough steps"
+    for _ in range(100):
+        lat.observe(8, 0.10)
+    assert lat.stale and lat.drift < 1 / costs.DRIFT_LIMIT
+    # the same steps within ~10% of the measurement, noise included: never stale
+    calm = Latency({0: 0.10, 8: 0.11, 16: 0.13})
+    for i in range(500):
+        calm.observe(8, 0.11 * (1.25 if i % 10 == 0 else 0.97))
+        assert not calm.stale
+    # a short burst of slow steps is averaged away
+    burst = Latency({0: 0.10, 8: 0.11})
+    for i in range(300):
+        burst.observe(8, 0.25 if 100 <= i < 110 else 0.11)
+        assert not burst.stale
+
+
+def write_curve(path, seconds: dict[int, float]) -> Latency:
+    costs._write_json(path, Latency(seconds, source=str(path)).to_dict())
+    return Latency(seconds, source=str(path), path=path)
+
+
+def test_a_stale_curve_is_flagged_on_disk_and_measured_again_by_the_next_process(tmp_path, monkeypatch):
+    quick_measurements(tmp_path, monkeypatch, busy=False)
+    model = tiny_model("llama")
+    path = latency_path(model)
+    lat = write_curve(path, {n: 10.0 for n in GRID})  # 10 s a step: nothing this tiny model will show
+    assert load_or_measure(model).seconds == lat.seconds, "the cached curve is used"
+    for _ in range(costs.DRIFT_MIN_STEPS + 50):
+        lat.observe(4, 0.01)
+    assert lat.stale and json.loads(path.read_text())["stale"] is True
+    fresh = load_or_measure(model)  # a new process: measures again, caches the fresh curve without the flag
+    assert max(fresh.seconds) < 10.0 and "stale" not in json.loads(path.read_text())
+    assert json.loads(path.read_text())["seconds"] == fresh.seconds
+
+
+def test_a_stale_curve_does_not_clobber_one_another_process_measured_since(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
+    path = latency_path(tiny_model("llama"))
+    lat = write_curve(path, {0: 10.0, 4: 10.0})
+    newer = {"sizes": [0, 4], "seconds": [0.01, 0.02], "source": str(path)}
+    costs._write_json(path, newer)
+    for _ in range(costs.DRIFT_MIN_STEPS + 50):
+        lat.observe(4, 0.01)
+    assert lat.stale and json.loads(path.read_text()) == newer
+
+
+def test_the_next_request_measures_a_stale_curve_again_a_few_times_at_most(tmp_path, monkeypatch):
+    quick_measurements(tmp_path, monkeypatch, busy=False)
+    model = tiny_model("llama")
+    lat = Latency({n: 10.0 for n in GRID})
+    assert costs.for_next_request(lat, model) is lat, "not stale: kept"
+    generations = []
+    for _ in range(costs.MAX_GENERATIONS + 2):
+        for _ in range(costs.DRIFT_MIN_STEPS + 50):
+            lat.observe(4, 1000.0 * lat.predict(4))  # whatever is measured, the steps disagree
+        assert lat.stale
+        lat = costs.for_next_request(lat, model)
+        generations.append(lat.generation)
+    assert generations == [1, 2, 3, 3, 3], "re-measured up to MAX_GENERATIONS times, then left as it is"
+
+
+def test_generate_measures_a_stale_curve_again_before_its_next_request(tmp_path, monkeypatch):
+    quick_measurements(tmp_path, monkeypatch, busy=False)
+    model = tiny_model("qwen2")
+    ids = torch.tensor([[40, 41, 42, 43, 40, 41, 42]])
+    state = decoder_state(model)
+    stale = Latency({n: 10.0 for n in GRID}, path=None)
+    stale.steps, stale.drift = costs.DRIFT_MIN_STEPS, 0.01
+    state.latencies["packed"] = stale
+    out = msn.generate(model, ids, max_new_tokens=8, eos_token_id=[])
+    assert state.latencies["packed"] is not stale and state.latencies["packed"].generation == 1
+    assert max(state.latencies["packed"].measured) < 10.0
+    ref = msn.generate(model, ids, max_new_tokens=8, method="ar", eos_token_id=[])
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_the_suite_never_writes_into_the_users_cache():
+    import os
+
+    from msn.models import cache_dir
+
+    assert cache_dir() == Path(os.environ["MSN_CACHE"]) and "msn-cache" in str(cache_dir())
+    assert (cache_dir() / "models").is_symlink(), "presets are shared with the real cache"
 
 
 # ---------------------------------------------------------------------------------------------------------

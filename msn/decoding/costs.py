@@ -3,7 +3,10 @@
 The tree is sized per step by expected tokens per second, so it needs this curve: flat up to ~16 tokens
 for bf16 on some CPUs, linear for fp32, flat up to hundreds on a GPU. Measured once (a few seconds) per
 model shape, device, dtype and thread count, cached as JSON under the msn cache dir, then refined online
-from the step times the decoder actually sees, so a loaded machine shifts the choice.
+from the step times the decoder actually sees, so a loaded machine shifts the choice. The refinement can
+only correct the sizes the decoder picks, so a curve measured under other conditions (a neighbour's burst of
+work during the few seconds of measuring) would keep its wrong shape; when step times stay far off the
+measured curve, the curve is marked stale and measured again before the next request.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import torch
 GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
 PAST = 128  # cache length while measuring
 ALPHA = 0.1  # weight of one observed step in the online refinement
+DRIFT_ALPHA = 0.02  # weight of one step in the drift estimate: ~50 steps, longer than a neighbour's burst
+DRIFT_LIMIT = 1.3  # step times this far off the measured curve, sustained: it was measured under other load
+DRIFT_MIN_STEPS = 64  # steps observed before a curve can be judged stale
+MAX_GENERATIONS = 3  # re-measurements per curve and process: a machine that never settles is not chased
 logger = logging.getLogger("msn")
 
 
@@ -66,7 +73,9 @@ def _measure(model, sizes, past, repeats, seed, compiled, pk) -> dict[int, float
 
 def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
     """Latency depends on shapes, not weights: the config (minus its name), device, dtype, threads, torch, and
-    the forward's path (compiled, eager with packed weights, eager)."""
+    the forward's path (compiled, eager with packed weights, eager; eager with grouped-head tree attention)."""
+    from msn.decoding import attention
+
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     device = model.device
@@ -74,6 +83,8 @@ def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
     raw = json.dumps([config, where, str(model.dtype), torch.__version__], sort_keys=True, default=str)
     arch = config.get("model_type") or "model"
     kind = "-compiled" if compiled else "-packed" if packed else ""
+    installed = getattr(model.config, "_attn_implementation", None) == attention.NAME  # inside gqa_attention
+    kind += "-gqa" if not compiled and (installed or attention.enabled and attention.usable(model)) else ""
     return (f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}{kind}-"
             f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}")
 
@@ -92,12 +103,17 @@ def monotone(values: Sequence[float]) -> list[float]:
 
 
 class Latency:
-    """Piecewise-linear t(n) over measured grid points, refined online."""
+    """Piecewise-linear t(n) over measured grid points, refined online; ``stale`` once step times have
+    drifted far from what was measured."""
 
-    def __init__(self, seconds: dict[int, float], source: str = "measured"):
+    def __init__(self, seconds: dict[int, float], source: str = "measured", path: Path | None = None,
+                 generation: int = 0):
         self.sizes = sorted(seconds)
         self.seconds = monotone([float(seconds[n]) for n in self.sizes])
-        self.source = source
+        self.measured = list(self.seconds)  # the refinement moves ``seconds``; drift is judged against this
+        self.source, self.path, self.generation = source, path, generation
+        self.drift, self.steps = 1.0, 0  # moving average of observed / measured step time; steps observed
+        self._marked = False
 
     @property
     def max_nodes(self) -> int:
@@ -108,27 +124,67 @@ class Latency:
         x0, x1 = self.sizes[i - 1], self.sizes[i]
         return i - 1, i, (n - x0) / (x1 - x0)
 
-    def predict(self, n: int) -> float:
+    def _interpolate(self, values: Sequence[float], n: float) -> float:
         if len(self.sizes) == 1:
-            return self.seconds[0]
+            return values[0]
         a, b, w = self._bracket(n)
-        return max(self.seconds[a] + (self.seconds[b] - self.seconds[a]) * w, 1e-9)
+        return max(values[a] + (values[b] - values[a]) * w, 1e-9)
+
+    def predict(self, n: int) -> float:
+        return self._interpolate(self.seconds, n)
 
     def curve(self, upto: int) -> list[float]:
         """t(0..upto), for choosing the tree size in one pass."""
         return [self.predict(n) for n in range(upto + 1)]
 
     def observe(self, n: int, seconds: float) -> None:
-        """Move the grid points around n toward an observed step time (outliers clipped)."""
+        """Move the grid points around n toward an observed step time (outliers clipped), keep the curve
+        non-decreasing (a dip would draw every later tree to it), and track the drift from the measurement."""
+        self.steps += 1
+        self.drift *= 1.0 + DRIFT_ALPHA * (_clip(seconds / self._interpolate(self.measured, n)) - 1.0)
+        if self.stale and not self._marked:
+            self._marked = True
+            mark_stale(self)
         if len(self.sizes) == 1:
             return
-        ratio = min(max(seconds / self.predict(n), 0.25), 4.0)
+        ratio = _clip(seconds / self.predict(n))
         a, b, w = self._bracket(min(max(n, self.sizes[0]), self.sizes[-1]))
         for j, share in ((a, 1.0 - w), (b, w)):
             self.seconds[j] *= 1.0 + ALPHA * share * (ratio - 1.0)
+        self.seconds = monotone(self.seconds)
+
+    @property
+    def stale(self) -> bool:
+        """Step times have stayed DRIFT_LIMIT off the measured curve: it was measured under other conditions,
+        and its shape, which sizes the tree, is suspect."""
+        return self.steps >= DRIFT_MIN_STEPS and not 1.0 / DRIFT_LIMIT <= self.drift <= DRIFT_LIMIT
 
     def to_dict(self) -> dict:
         return {"sizes": self.sizes, "seconds": self.seconds, "source": self.source}
+
+
+def _clip(ratio: float) -> float:
+    return min(max(ratio, 0.25), 4.0)
+
+
+def mark_stale(latency: Latency) -> None:
+    """Flag the cached file this curve came from, so the next process measures again (a one-request CLI
+    never reaches a second request of its own). Left alone if another process has re-measured it since."""
+    if latency.path is None:
+        return
+    try:
+        data = json.loads(latency.path.read_text())
+        if data.get("seconds") == latency.measured:
+            _write_json(latency.path, {**data, "stale": True})
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def latency_path(model, compiled: bool = False, packed: bool = False) -> Path:
@@ -150,16 +206,32 @@ def grid(model=None, compiled: bool = False) -> list[int]:
 
 def load_or_measure(model, compiled: bool = False, packed: bool = False) -> Latency:
     """The cached curve for this model shape/device/dtype/threads/path, or a fresh measurement (saved
-    atomically)."""
+    atomically) when there is none or the cached one was marked stale."""
     path = latency_path(model, compiled, packed)
     try:
         data = json.loads(path.read_text())
-        return Latency(dict(zip(data["sizes"], data["seconds"], strict=True)), source=str(path))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    logger.info("msn: measuring forward latency t(n) for the auto tree, once per model shape/device/dtype/"
-                "threads (a few seconds): %s", path)
+        if not data.get("stale"):
+            return Latency(dict(zip(data["sizes"], data["seconds"], strict=True)), source=str(path), path=path)
+        logger.info("msn: the cached t(n) curve did not match the step times of its last use; measuring it "
+                    "again (a few seconds): %s", path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        logger.info("msn: measuring forward latency t(n) for the auto tree, once per model shape/device/dtype/"
+                    "threads (a few seconds): %s", path)
     return remeasure(model, compiled=compiled, packed=packed)[0]
+
+
+def for_next_request(latency: Latency | None, model, compiled: bool = False, packed: bool = False) -> Latency:
+    """The curve a new request should size its trees with: the one in use, unless step times have shown it
+    stale (then measured again, up to MAX_GENERATIONS times per process), or the cached one."""
+    if latency is None:
+        return load_or_measure(model, compiled, packed)
+    if not latency.stale or latency.generation >= MAX_GENERATIONS:
+        return latency
+    logger.info("msn: step times ran x%.2f the measured t(n) curve; measuring it again (a few seconds)",
+                latency.drift)
+    fresh = remeasure(model, compiled=compiled, packed=packed)[0]
+    fresh.generation = latency.generation + 1
+    return fresh
 
 
 def _busy() -> bool:
@@ -176,15 +248,12 @@ def remeasure(model, repeats: int = 3, compiled: bool = False, packed: bool = Fa
     path = latency_path(model, compiled, packed)
     measured = measure_forward(model, [n + 1 for n in grid(model, compiled)], repeats=repeats, compiled=compiled,
                                packed=packed)
-    latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path))
+    latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path), path=path)
     if model.device.type == "cpu" and _busy():
-        latency.source = "measured on a busy CPU (not cached)"
+        latency.source, latency.path = "measured on a busy CPU (not cached)", None
         return latency, path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(latency.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        _write_json(path, latency.to_dict())
     except OSError:
         pass  # a read-only cache only costs the next process a re-measurement
     return latency, path

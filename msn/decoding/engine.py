@@ -17,7 +17,7 @@ import torch
 from msn.decoding import trie as trie_mod
 from msn.decoding.attention import gqa_attention
 from msn.decoding.calibrate import Calibrator
-from msn.decoding.costs import Latency, load_or_measure
+from msn.decoding.costs import Latency, for_next_request
 from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import Request, parse_request
 from msn.decoding.sampling import CoupledSampler, coupled_accept
@@ -147,9 +147,8 @@ class _Decoder:
         self.latency = None
         if self.auto and self.sources:
             path = "compiled" if compile else "packed" if packing is not None else "eager"
-            if self.state.latencies.get(path) is None:
-                self.state.latencies[path] = load_or_measure(model, compiled=compile, packed=packing is not None)
-            self.latency = self.state.latencies[path]
+            self.latency = for_next_request(self.state.latencies.get(path), model, compile, packing is not None)
+            self.state.latencies[path] = self.latency
         self.accept_lengths: list[int] = []
         self.accepted_by_source = {name: [] for name in SOURCES} if self.sources else {}
         self.nodes_by_source = {name: [] for name in SOURCES} if self.sources else {}
