@@ -21,6 +21,7 @@ from msn.decoding.costs import (
     monotone,
 )
 from msn.decoding.engine import decoder_state
+from msn.outputs import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------------
 # Latency
@@ -112,7 +113,7 @@ def test_drift_marks_a_curve_measured_under_other_load_stale():
 
 
 def write_curve(path, seconds: dict[int, float]) -> Latency:
-    costs._write_json(path, Latency(seconds, source=str(path)).to_dict())
+    atomic_write_text(path, json.dumps(Latency(seconds, source=str(path)).to_dict()))
     return Latency(seconds, source=str(path), path=path)
 
 
@@ -135,7 +136,7 @@ def test_a_stale_curve_does_not_clobber_one_another_process_measured_since(tmp_p
     path = latency_path(tiny_model("llama"))
     lat = write_curve(path, {0: 10.0, 4: 10.0})
     newer = {"sizes": [0, 4], "seconds": [0.01, 0.02], "source": str(path)}
-    costs._write_json(path, newer)
+    atomic_write_text(path, json.dumps(newer))
     for _ in range(costs.DRIFT_MIN_STEPS + 50):
         lat.observe(4, 0.01)
     assert lat.stale and json.loads(path.read_text()) == newer

@@ -55,6 +55,13 @@ def usable(model) -> bool:
             and isinstance(heads, int) and isinstance(kv_heads, int) and heads > kv_heads > 0)
 
 
+def applies(model) -> bool:
+    """Whether this model's eager tree steps attend through :func:`gqa_sdpa_forward`: installed now (inside a
+    request) or would be. What its t(n) curve is keyed by."""
+    installed = getattr(model.config, "_attn_implementation", None) == NAME
+    return installed or (enabled and usable(model))
+
+
 @contextmanager
 def gqa_attention(model, wanted: bool = True) -> Iterator[bool]:
     """For the ``with`` block, the model's attention runs :func:`gqa_sdpa_forward`; the user's config is

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from msn.outputs import atomic_write_text
+
 GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
 PAST = 128  # cache length while measuring
 ALPHA = 0.1  # weight of one observed step in the online refinement
@@ -83,8 +85,7 @@ def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
     raw = json.dumps([config, where, str(model.dtype), torch.__version__], sort_keys=True, default=str)
     arch = config.get("model_type") or "model"
     kind = "-compiled" if compiled else "-packed" if packed else ""
-    installed = getattr(model.config, "_attn_implementation", None) == attention.NAME  # inside gqa_attention
-    kind += "-gqa" if not compiled and (installed or attention.enabled and attention.usable(model)) else ""
+    kind += "-gqa" if not compiled and attention.applies(model) else ""
     return (f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}{kind}-"
             f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}")
 
@@ -113,7 +114,6 @@ class Latency:
         self.measured = list(self.seconds)  # the refinement moves ``seconds``; drift is judged against this
         self.source, self.path, self.generation = source, path, generation
         self.drift, self.steps = 1.0, 0  # moving average of observed / measured step time; steps observed
-        self._marked = False
 
     @property
     def max_nodes(self) -> int:
@@ -140,10 +140,10 @@ class Latency:
     def observe(self, n: int, seconds: float) -> None:
         """Move the grid points around n toward an observed step time (outliers clipped), keep the curve
         non-decreasing (a dip would draw every later tree to it), and track the drift from the measurement."""
+        was_stale = self.stale
         self.steps += 1
         self.drift *= 1.0 + DRIFT_ALPHA * (_clip(seconds / self._interpolate(self.measured, n)) - 1.0)
-        if self.stale and not self._marked:
-            self._marked = True
+        if self.stale and not was_stale:
             mark_stale(self)
         if len(self.sizes) == 1:
             return
@@ -181,10 +181,7 @@ def mark_stale(latency: Latency) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def latency_path(model, compiled: bool = False, packed: bool = False) -> Path:
