@@ -27,14 +27,25 @@ import torch
 from msn.bench import runner
 from msn.bench.questions import load_questions, select
 from msn.bench.session import answered
-from msn.bench.stats import append_answers, paired, per_question, tokens_per_s, tokens_per_step, write_report
+from msn.bench.stats import (
+    append_answers,
+    drafted_per_step,
+    paired,
+    per_question,
+    tokens_per_s,
+    tokens_per_step,
+    write_report,
+)
 from msn.decoding.engine import DecoderState
+from msn.decoding.sources import SOURCES
 from msn.errors import InputError
 from msn.models import load_model
 from msn.outputs import check_output_dir
 from msn.prompting import eos_ids
 
-READ = {"tps": tokens_per_s, "mat": tokens_per_step}  # per-question values compared between models
+# Per-question values compared between models; tree methods add each draft source's accepted drafts per step,
+# which says where a MAT difference comes from (e.g. more Jacobi-drafted tokens vs more retrieval hits).
+READ = {"tps": tokens_per_s, "mat": tokens_per_step} | {s: drafted_per_step(s) for s in SOURCES}
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
@@ -45,16 +56,20 @@ def labels(models: list[str]) -> list[str]:
 
 
 def summarize(out: Path, names: list[str], methods: list[str]) -> dict:
-    """Per method: each model's mean tokens/s and MAT, and every model against the first, paired."""
+    """Per method: each model's mean tokens/s, MAT and (tree methods) accepted drafts per step by source, and
+    every model against the first, paired."""
     summary: dict = {"models": names, "methods": {}}
     for m in methods:
         recs = {n: {key: per_question(out / "answers" / n / f"{m}.jsonl", fn) for key, fn in READ.items()}
                 for n in names}
         entry = {n: {"questions": len(r["tps"]),
                      "tokens_per_s": statistics.fmean(r["tps"].values()) if r["tps"] else None,
-                     "mat": statistics.fmean(r["mat"].values()) if r["mat"] else None} for n, r in recs.items()}
+                     "mat": statistics.fmean(r["mat"].values()) if r["mat"] else None,
+                     "accepted_per_step": {s: statistics.fmean(r[s].values()) for s in SOURCES if r[s]}}
+                 for n, r in recs.items()}
         for n in names[1:]:
-            entry[n]["vs_first"] = {key: paired(recs[n][key], recs[names[0]][key]) for key in READ}
+            entry[n]["vs_first"] = {key: paired(recs[n][key], recs[names[0]][key]) for key in READ
+                                    if recs[n][key]}
         summary["methods"][m] = entry
     return summary
 
@@ -71,7 +86,28 @@ def render(summary: dict) -> str:
             tps = "n/a" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.2f}"
             mat = "n/a" if e["mat"] is None else f"{e['mat']:.2f}"
             lines.append(f"| {m} | {n} | {tps} | {mat} | {cell} |")
+    sources = [s for s in SOURCES if any(s in e[n]["accepted_per_step"] for e in summary["methods"].values()
+                                         for n in names)]
+    if sources:
+        lines += ["", "Accepted draft tokens per step, by the source that drafted them (tree methods; ratio to "
+                  f"{names[0]}, paired per question)", "",
+                  "| method | model | " + " | ".join(sources) + " |", "|---|---|" + "---:|" * len(sources)]
+        for m, entry in summary["methods"].items():
+            for n in names:
+                per, vs = entry[n]["accepted_per_step"], entry[n].get("vs_first") or {}
+                if per:
+                    lines.append(f"| {m} | {n} | " + " | ".join(_source_cell(per.get(s), vs.get(s)) for s in sources)
+                                 + " |")
     return "\n".join(lines)
+
+
+def _source_cell(value: float | None, vs: dict | None) -> str:
+    """'0.344 (1.29x [-0.01, +0.17])': a source's accepted drafts per step and its paired ratio to the first."""
+    if value is None:
+        return "n/a"
+    if not vs or vs["ratio"] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({vs['ratio']:.2f}x [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}])"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,14 @@ def test_two_models_answer_every_question_then_resume(two_models, tmp_path, caps
     vs = s["methods"]["tr-jacobi"]["msn"]["vs_first"]["tps"]
     assert vs["n"] == 3 and vs["wins"] + vs["losses"] <= 3 and vs["ci95"][0] <= vs["mean"] <= vs["ci95"][1]
     assert "| tr-jacobi | msn |" in (out / "summary.md").read_text()
+    # Where MAT comes from: each source's accepted drafts per step, read back from the answers' per-step counts.
+    recs = [json.loads(x)["choices"][0] for x in (out / "answers/msn/tr-jacobi.jsonl").read_text().splitlines()]
+    by_q = [sum(c["accepted_by_source"]["retrieval"]) / len(c["accepted_by_source"]["retrieval"]) for c in recs]
+    tree = s["methods"]["tr-jacobi"]["msn"]
+    assert set(tree["accepted_per_step"]) == {"jacobi", "retrieval", "recycling"}
+    assert tree["accepted_per_step"]["retrieval"] == pytest.approx(sum(by_q) / len(by_q))
+    assert s["methods"]["ar"]["msn"]["accepted_per_step"] == {} and "jacobi" not in s["methods"]["ar"]["msn"]["vs_first"]
+    assert "| tr-jacobi | msn | " in (out / "summary.md").read_text().split("by the source that drafted them")[1]
     capsys.readouterr()
     # Resume: nothing left to answer, nothing appended.
     before = (out / "answers/msn/ar.jsonl").read_text()

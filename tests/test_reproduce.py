@@ -382,12 +382,13 @@ def test_paired_per_question_comparison(tmp_path):
     rep = sys.modules["report"]
     answers = tmp_path / "jacobi.jsonl"
     rows = [{"question_id": 1, "choices": [{"new_tokens": [8, 4], "decoding_steps": [4, 2],
-                                            "jacobi_accepted": [1, 0, 0, 1, 1, 0]}]},
+                                            "accepted_by_source": {"jacobi": [1, 0, 0, 1, 1, 0]}}]},
             {"question_id": 2, "choices": [{"new_tokens": [9], "decoding_steps": [9]}]}]
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    assert rep._per_question_mat(answers) == {"1": 2.0, "2": 1.0}
-    assert rep._per_question_mat(answers, "jacobi_accepted") == {"1": 0.5}  # q2 predates the per-source counts
-    assert rep._per_question_mat(tmp_path / "missing.jsonl") == {}
+    assert rep.per_question(answers, rep.tokens_per_step) == {"1": 2.0, "2": 1.0}
+    # q2 has no per-source counts (a method without a tree, or a bench before they existed)
+    assert rep.per_question(answers, rep.drafted_per_step("jacobi")) == {"1": 0.5}
+    assert rep.per_question(tmp_path / "missing.jsonl", rep.tokens_per_step) == {}
 
     a = {str(i): 1.5 + 0.01 * i for i in range(20)}
     b = {str(i): 1.4 for i in range(20)} | {"extra": 9.0}  # only shared questions count

@@ -16,7 +16,7 @@ from typing import Any
 
 from budgets import BY_JACOBI, DENOISE_L, METHODS, PAIRED, PAPER, QUALITY_HE_PROBLEMS, QUALITY_LOSS_TOL, Group
 
-from msn.bench.stats import paired, per_question, tokens_per_s, tokens_per_step
+from msn.bench.stats import drafted_per_step, paired, per_question, tokens_per_s, tokens_per_step
 from msn.clock import load_average, now
 
 DEPTHS = 4  # depth curve columns: accepted at least 1..DEPTHS Jacobi drafts in one step
@@ -88,25 +88,17 @@ def collect(groups: Sequence[Group], out: Path) -> dict[str, Any]:
                                                        "load_average_start", "load_average_end")},
                     "overall": {m: e["overall"] for m, e in summ["methods"].items()},
                     "per_category": {m: e["categories"] for m, e in summ["methods"].items()},
-                    "per_question_mat": {m: _per_question_mat(bdir / "answers" / f"{m}.jsonl")
+                    "per_question_mat": {m: per_question(bdir / "answers" / f"{m}.jsonl", tokens_per_step)
                                          for m in summ["methods"]},
                 }
-                entry["speed"]["per_question_tps"] = {m: _per_question_tps(bdir / "answers" / f"{m}.jsonl")
+                entry["speed"]["per_question_tps"] = {m: per_question(bdir / "answers" / f"{m}.jsonl", tokens_per_s)
                                                       for m in summ["methods"]}
                 entry["speed"]["jacobi_depths"] = depth_curve(bdir / "answers" / "jacobi.jsonl")
-                by_jacobi = _per_question_mat(bdir / "answers" / "tr-jacobi.jsonl", "jacobi_accepted")
+                by_jacobi = per_question(bdir / "answers" / "tr-jacobi.jsonl", drafted_per_step("jacobi"))
                 if by_jacobi:  # benches before the per-source counts existed have none
                     entry["speed"]["per_question_mat"][BY_JACOBI] = by_jacobi
             variants[vid] = entry
     return variants
-
-
-def _per_question_mat(path: Path, drafted_by: str | None = None) -> dict[str, float]:
-    """New tokens / decoding steps over all turns; with ``drafted_by`` (``jacobi_accepted``), that per-step
-    count's mean instead: one source's share of MAT."""
-    if drafted_by:
-        return per_question(path, lambda c: sum(c[drafted_by]) / len(c[drafted_by]))
-    return per_question(path, tokens_per_step)
 
 
 def depth_curve(path: Path, depths: int = DEPTHS) -> dict[str, Any] | None:
@@ -127,11 +119,6 @@ def depth_curve(path: Path, depths: int = DEPTHS) -> dict[str, Any] | None:
         return None
     return {"steps": len(lengths), "at_least": [sum(x >= d for x in lengths) / len(lengths) for d in range(1, depths + 1)],
             "nodes_per_step": sum(nodes) / len(nodes) if nodes else None}
-
-
-def _per_question_tps(path: Path) -> dict[str, float]:
-    """New tokens / wall seconds over all turns."""
-    return per_question(path, tokens_per_s)
 
 
 def ratio_vs(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:

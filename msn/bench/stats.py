@@ -27,6 +27,15 @@ def tokens_per_step(choice: dict) -> float:
     return sum(choice["new_tokens"]) / sum(choice["decoding_steps"])
 
 
+def drafted_per_step(source: str) -> Callable[[dict], float]:
+    """Accepted draft tokens per step that ``source`` drafted, over all turns of a tree method's answer: the
+    share of MAT one draft source earns (a token two sources drafted counts for each)."""
+    def value(choice: dict) -> float:
+        steps = choice["accepted_by_source"][source]
+        return sum(steps) / len(steps)
+    return value
+
+
 def per_question(path: Path, value: Callable[[dict], float]) -> dict[str, float]:
     """question_id -> ``value`` of its answer's first choice, over one Spec-Bench answer JSONL; a line without
     the fields (an older bench, a torn line) is skipped, a missing file gives {}."""
