@@ -45,7 +45,9 @@ from msn.prompting import eos_ids
 
 # Per-question values compared between models; tree methods add each draft source's accepted drafts per step,
 # which says where a MAT difference comes from (e.g. more Jacobi-drafted tokens vs more retrieval hits).
-READ = {"tps": tokens_per_s, "mat": tokens_per_step} | {s: drafted_per_step(s) for s in SOURCES}
+# "S alone" counts only the drafts no other source proposed: what S adds over the others.
+DRAFTERS = {s: drafted_per_step(s) for s in SOURCES} | {f"{s} alone": drafted_per_step(s, sole=True) for s in SOURCES}
+READ = {"tps": tokens_per_s, "mat": tokens_per_step} | DRAFTERS
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
@@ -65,7 +67,7 @@ def summarize(out: Path, names: list[str], methods: list[str]) -> dict:
         entry = {n: {"questions": len(r["tps"]),
                      "tokens_per_s": statistics.fmean(r["tps"].values()) if r["tps"] else None,
                      "mat": statistics.fmean(r["mat"].values()) if r["mat"] else None,
-                     "accepted_per_step": {s: statistics.fmean(r[s].values()) for s in SOURCES if r[s]}}
+                     "accepted_per_step": {s: statistics.fmean(r[s].values()) for s in DRAFTERS if r[s]}}
                  for n, r in recs.items()}
         for n in names[1:]:
             entry[n]["vs_first"] = {key: paired(recs[n][key], recs[names[0]][key]) for key in READ
@@ -86,8 +88,8 @@ def render(summary: dict) -> str:
             tps = "n/a" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.2f}"
             mat = "n/a" if e["mat"] is None else f"{e['mat']:.2f}"
             lines.append(f"| {m} | {n} | {tps} | {mat} | {cell} |")
-    sources = [s for s in SOURCES if any(s in e[n]["accepted_per_step"] for e in summary["methods"].values()
-                                         for n in names)]
+    sources = [s for s in DRAFTERS if any(s in e[n]["accepted_per_step"] for e in summary["methods"].values()
+                                          for n in names)]
     if sources:
         lines += ["", "Accepted draft tokens per step, by the source that drafted them (tree methods; ratio to "
                   f"{names[0]}, paired per question)", "",

@@ -40,8 +40,10 @@ def test_answer_has_spec_bench_fields(model, tok):
             for key in ("jacobi_accepted", "retrieval_accepted"):
                 assert len(c[key]) == len(c["accept_lengths"])
                 assert all(0 <= x <= a for x, a in zip(c[key], c["accept_lengths"], strict=True))
+            for name, sole in c["sole_by_source"].items():
+                assert all(0 <= x <= y for x, y in zip(sole, c["accepted_by_source"][name], strict=True))
         else:
-            assert c["jacobi_accepted"] is None and c["retrieval_accepted"] is None
+            assert c["jacobi_accepted"] is None and c["retrieval_accepted"] is None and c["sole_by_source"] is None
 
 
 def test_lossless_methods_match_ar_in_fp32(model, tok):

@@ -79,7 +79,8 @@ def check_stop_rules(out, prompt_len: int, n: int, eos: set[int]) -> None:
 def check_sources(out, method: str) -> None:
     """Every accepted draft token is credited to the source(s) that drafted it, and only to those."""
     if method == "ar" or not out.tree.sources:  # no draft source: plain decoding
-        assert out.accepted_by_source == {} and out.jacobi_accepted is None and out.tree_sizes == []
+        assert out.accepted_by_source == {} == out.sole_by_source and out.jacobi_accepted is None
+        assert out.tree_sizes == []
         return
     names = sorted(out.accepted_by_source)
     assert names == sorted(msn.decoding.sources.SOURCES)
@@ -91,6 +92,10 @@ def check_sources(out, method: str) -> None:
         credited = [out.accepted_by_source[n][i] for n in names]
         nodes = {n: out.nodes_by_source[n][i] for n in names}
         assert any(max(credited) <= k <= sum(credited) for k in drafts), (a, credited)
+        # sole: drafted by that source alone; every other accepted draft was drafted by two or more sources
+        sole = [out.sole_by_source[n][i] for n in names]
+        assert all(0 <= x <= c for x, c in zip(sole, credited, strict=True))
+        assert any(sum(sole) <= k and sum(credited) - sum(sole) >= 2 * (k - sum(sole)) for k in drafts)
         assert sum(nodes.values()) >= out.tree_sizes[i] >= max(nodes.values())
         for n in names:
             assert out.accepted_by_source[n][i] <= nodes[n]
@@ -98,6 +103,7 @@ def check_sources(out, method: str) -> None:
                 assert nodes[n] == 0
         if len(own) == 1:
             assert out.accepted_by_source[next(iter(own))][i] in drafts
+            assert out.sole_by_source[next(iter(own))][i] == out.accepted_by_source[next(iter(own))][i]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -52,7 +52,9 @@ def test_two_models_answer_every_question_then_resume(two_models, tmp_path, caps
     recs = [json.loads(x)["choices"][0] for x in (out / "answers/msn/tr-jacobi.jsonl").read_text().splitlines()]
     by_q = [sum(c["accepted_by_source"]["retrieval"]) / len(c["accepted_by_source"]["retrieval"]) for c in recs]
     tree = s["methods"]["tr-jacobi"]["msn"]
-    assert set(tree["accepted_per_step"]) == {"jacobi", "retrieval", "recycling"}
+    names = ("jacobi", "retrieval", "recycling")
+    assert set(tree["accepted_per_step"]) == {*names, *(f"{n} alone" for n in names)}
+    assert all(tree["accepted_per_step"][f"{n} alone"] <= tree["accepted_per_step"][n] for n in names)
     assert tree["accepted_per_step"]["retrieval"] == pytest.approx(sum(by_q) / len(by_q))
     assert s["methods"]["ar"]["msn"]["accepted_per_step"] == {} and "jacobi" not in s["methods"]["ar"]["msn"]["vs_first"]
     assert "| tr-jacobi | msn | " in (out / "summary.md").read_text().split("by the source that drafted them")[1]

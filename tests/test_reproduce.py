@@ -217,6 +217,13 @@ def test_distill_budget_trains_and_scores_on_the_base_models_own_answers(tmp_pat
     meta.write_text(json.dumps({"counts": {"prompts": 10, "answered": 10}}))
     assert drv.distill_done(meta)
 
+    # --distill-limit: fewer prompts for every distilled group (a shorter run), nothing else changes.
+    small = drv.configure(drv.parse_args(["--budget", "distill", "--groups", "general,code", "--distill-limit", "800"]))
+    assert [g.distill["limit"] for g in small] == [800, 800]
+    assert [g.distill["limit"] for g in drv.budget("distill") if g.name != "ablation"] == [3200, 2400]
+    argv = next(s.argv for s in drv.plan(small, out, "q.jsonl", 1, None, False) if s.argv[0] == "distill")
+    assert argv[argv.index("--limit") + 1] == "800"
+
 
 def test_issue11_targets_are_judged_from_paired_results():
     drv = load_driver()

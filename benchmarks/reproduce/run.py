@@ -345,6 +345,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-general", default=None, help="training/held-out data of the general group")
     p.add_argument("--data-code", default=None, help="training/held-out data of the code group")
     p.add_argument("--max-steps", type=int, default=None, help="override every group's training steps")
+    p.add_argument("--distill-limit", type=int, default=None,
+                   help="override the number of prompts every distilled group's base model answers")
     p.add_argument("--per-category", type=int, default=None, help="override the bench's questions per category")
     p.add_argument("--humaneval-limit", type=int, default=None, help="override the HumanEval problem count")
     p.add_argument("--no-lora", action="store_true", help="full fine-tuning for the code group too")
@@ -380,6 +382,8 @@ def configure(a: argparse.Namespace) -> list[Group]:
             g.variants = [v for v in g.variants if v.name in keep or f"{g.name}:{v.name}" in keep]
         if a.max_steps is not None:
             g.train["max_steps"] = a.max_steps
+        if a.distill_limit is not None and g.distill:
+            g.distill["limit"] = a.distill_limit
         if a.per_category is not None:
             g.per_category = a.per_category
         if a.humaneval_limit is not None:

@@ -84,6 +84,7 @@ class TurnResult:
     # Tree methods, per source name, per step: accepted drafts that source drafted / its nodes in the tree.
     accepted_by_source: dict[str, list[int]] | None = None
     nodes_by_source: dict[str, list[int]] | None = None
+    sole_by_source: dict[str, list[int]] | None = None  # accepted drafts no other source drafted
     tree_sizes: list[int] | None = None  # per step: draft nodes verified
     seed: int | None = None  # the turn's sampling seed (None: greedy)
 
@@ -180,7 +181,8 @@ def run_turn(
     return TurnResult(
         _decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths),
         out.accepted_by_source if tree_run else None, out.nodes_by_source if tree_run else None,
-        out.tree_sizes if tree_run else None, None if sampling is None else seed,
+        out.sole_by_source if tree_run else None, out.tree_sizes if tree_run else None,
+        None if sampling is None else seed,
     )
 
 
@@ -235,6 +237,7 @@ def answer_question(
                 "accept_lengths": _per_step(turns, "accept_lengths"),
                 "accepted_by_source": (by_source := _per_source(turns, "accepted_by_source")),
                 "nodes_by_source": _per_source(turns, "nodes_by_source"),
+                "sole_by_source": _per_source(turns, "sole_by_source"),
                 "tree_sizes": _per_step(turns, "tree_sizes"),
                 "seeds": None if sampling is None else [t.seed for t in turns],  # per turn, see turn_seed
                 # kept for readers of older runs (benchmarks/reproduce): two of the sources above

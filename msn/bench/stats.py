@@ -27,11 +27,14 @@ def tokens_per_step(choice: dict) -> float:
     return sum(choice["new_tokens"]) / sum(choice["decoding_steps"])
 
 
-def drafted_per_step(source: str) -> Callable[[dict], float]:
+def drafted_per_step(source: str, sole: bool = False) -> Callable[[dict], float]:
     """Accepted draft tokens per step that ``source`` drafted, over all turns of a tree method's answer: the
-    share of MAT one draft source earns (a token two sources drafted counts for each)."""
+    share of MAT one draft source earns (a token two sources drafted counts for each); ``sole``: only tokens
+    no other source drafted, what the source adds over the others."""
+    key = "sole_by_source" if sole else "accepted_by_source"
+
     def value(choice: dict) -> float:
-        steps = choice["accepted_by_source"][source]
+        steps = choice[key][source]
         return sum(steps) / len(steps)
     return value
 

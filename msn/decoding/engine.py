@@ -42,6 +42,9 @@ class GenerateOutput:
     # merged siblings, counts for each) and draft nodes of that source in the verified tree. Empty for ``ar``.
     accepted_by_source: dict[str, list[int]] = field(default_factory=dict)
     nodes_by_source: dict[str, list[int]] = field(default_factory=dict)
+    # Per source name, per step: accepted draft tokens that no other source drafted at that position — what
+    # the source adds over the others (accepted_by_source credits a token two sources agree on to both).
+    sole_by_source: dict[str, list[int]] = field(default_factory=dict)
     tree_sizes: list[int] = field(default_factory=list)  # per step: draft nodes verified (root excluded)
     node_hits: torch.Tensor | None = None  # static templates: per template node (root first), steps accepted
     retrieval_lengths: list[int] | None = None  # per step: tokens the retrieval chain drafted (0: no match)
@@ -152,6 +155,7 @@ class _Decoder:
         self.accept_lengths: list[int] = []
         self.accepted_by_source = {name: [] for name in SOURCES} if self.sources else {}
         self.nodes_by_source = {name: [] for name in SOURCES} if self.sources else {}
+        self.sole_by_source = {name: [] for name in SOURCES} if self.sources else {}
         self.tree_sizes: list[int] = []
         self.chain_lengths: list[int] = []
         self.tags = _template_tags(req.tree) if isinstance(req.tree, TreeTemplate) else None
@@ -182,6 +186,7 @@ class _Decoder:
             tree=self.req.tree,
             accepted_by_source=self.accepted_by_source,
             nodes_by_source=self.nodes_by_source,
+            sole_by_source=self.sole_by_source,
             tree_sizes=self.tree_sizes,
             node_hits=self.node_hits,
             retrieval_lengths=self.chain_lengths,
@@ -292,17 +297,21 @@ class _Decoder:
                 counts[name] += 1
         for name in SOURCES:
             self.nodes_by_source[name].append(counts[name])
-        credited = dict.fromkeys(SOURCES, 0)
+        credited, sole = dict.fromkeys(SOURCES, 0), dict.fromkeys(SOURCES, 0)
         for node in drafted:
             proposers = trie.proposers[tree.trie_ids[node]]
-            for name in {p[0] for p in proposers}:
+            names = {p[0] for p in proposers}
+            for name in names:
                 credited[name] += 1
+            if len(names) == 1:
+                sole[names.pop()] += 1
             if self.tags is not None:
                 for _, _, tag in proposers:
                     if tag in self.tags:
                         self.node_hits[self.tags[tag]] += 1
         for name in SOURCES:
             self.accepted_by_source[name].append(credited[name])
+            self.sole_by_source[name].append(sole[name])
         self.tree_sizes.append(len(tree) - 1)
         probs = None
         if top_vals is not None:
