@@ -92,6 +92,7 @@ def test_eval_cli_errors_are_one_line(tiny_dir, data_file, tmp_path, capsys):
         (["--task", "bleu"], "unknown task 'bleu'"),
         (["--task", "denoise", "--noise-length", "0"], "--noise-length must be positive"),
         (["--task", "denoise", "--data", str(tmp_path / "none.jsonl")], "data file not found"),
+        (["--task", "humaneval", "--method", "tr-jacobi", "--batch-size", "4"], "batched HumanEval generates plainly"),
     ]
     for extra, msg in cases:
         rc = main(["eval", "--model", str(tiny_dir), *extra])
@@ -104,16 +105,17 @@ def test_humaneval_hands_off_to_the_evaluator(tiny_dir, tmp_path, capsys, monkey
 
     calls = {}
 
-    def fake(model, tokenizer, *, method, limit, max_new_tokens):
-        calls.update(method=method, limit=limit, max_new_tokens=max_new_tokens)
+    def fake(model, tokenizer, *, method, limit, max_new_tokens, batch_size):
+        calls.update(method=method, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
         return {"pass@1": 0.5, "problems": 2}
 
     fake_mod = type(sys)("msn.eval.humaneval")
     fake_mod.evaluate_humaneval = fake
+    fake_mod.check_batching = lambda method, batch_size: None
     monkeypatch.setitem(sys.modules, "msn.eval.humaneval", fake_mod)
     monkeypatch.setattr(pkg, "humaneval", fake_mod, raising=False)
     out = tmp_path / "h.json"
     argv = ["eval", "--model", str(tiny_dir), "--task", "humaneval", "--method", "tr-jacobi", "--limit", "2"]
     assert main([*argv, "--max-new-tokens", "64", "--out", str(out)]) == 0
-    assert calls == {"method": "tr-jacobi", "limit": 2, "max_new_tokens": 64}
+    assert calls == {"method": "tr-jacobi", "limit": 2, "max_new_tokens": 64, "batch_size": 1}  # one at a time
     assert json.loads(out.read_text())["pass@1"] == 0.5

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_VOCAB, tiny_model
 
+from msn.errors import InputError
 from msn.eval.humaneval import (
     build_prompt,
     check_completion,
@@ -175,6 +176,20 @@ def test_evaluate_tiny_model(problems):
     assert [r["task_id"] for r in res["results"]] == ["HumanEval/0", "HumanEval/2"]
     assert res["passed"] == 0 and not res["chat"]
     assert all(0 < r["new_tokens"] <= 8 for r in res["results"])
+
+
+def test_batched_evaluation_matches_one_at_a_time(problems):
+    """Batched greedy (left-padded, one generate per batch) answers as one-at-a-time ar does in fp32, with the
+    same counts; another decoder cannot be batched."""
+    subset = [problems[0], problems[2], problems[5]]  # prompts of different lengths: padding is exercised
+    model = tiny_model("llama")
+    kw = dict(method="ar", max_new_tokens=8, timeout=5, progress=False, problems=subset)
+    one, batched = (evaluate_humaneval(model, ByteTokenizer(), batch_size=b, **kw) for b in (1, 2))
+    keep = ("task_id", "completion", "new_tokens", "passed")
+    assert [{k: r[k] for k in keep} for r in batched["results"]] == [{k: r[k] for k in keep} for r in one["results"]]
+    assert batched["batch_size"] == 2 and batched["new_tokens"] == one["new_tokens"]
+    with pytest.raises(InputError, match="batched HumanEval"):
+        evaluate_humaneval(model, ByteTokenizer(), method="tr-jacobi", batch_size=2, problems=subset)
 
 
 @pytest.mark.slow

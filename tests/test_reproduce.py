@@ -223,6 +223,10 @@ def test_distill_budget_trains_and_scores_on_the_base_models_own_answers(tmp_pat
     assert [g.distill["limit"] for g in drv.budget("distill") if g.name != "ablation"] == [3200, 2400]
     argv = next(s.argv for s in drv.plan(small, out, "q.jsonl", 1, None, False) if s.argv[0] == "distill")
     assert argv[argv.index("--limit") + 1] == "800"
+    # HumanEval of the code group: batched greedy, the same batch for every variant (base, sft, msn)
+    he = [s.argv for s in stages if s.id.endswith(":humaneval")]
+    assert len(he) == 3 and all(a[a.index("--batch-size") + 1] == "8" and a[a.index("--method") + 1] == "ar"
+                                for a in he)
 
 
 def test_issue11_targets_are_judged_from_paired_results():

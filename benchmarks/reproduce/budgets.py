@@ -59,6 +59,7 @@ class Group:
     humaneval_limit: int | None = None  # None: all 164
     humaneval_max_new_tokens: int = 512
     humaneval_dtype: str = "bf16"
+    humaneval_batch_size: int = 1  # >1: batched greedy (msn eval --batch-size), the same for every variant
     per_category: int = 1
     max_new_tokens: int = 128
     warmup: int = 1
@@ -140,7 +141,7 @@ def budget(name: str) -> list[Group]:
             Group("code", "qwen2.5-coder-0.5b", "stdlib-code", [BASE, SFT, msn(4, 4)],
                   _train(600, 4, 2, 2e-4, 20, 320, 150, 50, 64, 10), lora=True, lora_r=16,
                   distill=_distill("stdlib-code", 2400, 192, 128, batch_size=8), humaneval=True,
-                  humaneval_max_new_tokens=256, eval_limit=128, eval_max_length=320, per_category=1,
+                  humaneval_max_new_tokens=256, humaneval_batch_size=8, eval_limit=128, eval_max_length=320, per_category=1,
                   max_new_tokens=128),
         ]
     raise ValueError(f"unknown budget {name!r}")

@@ -156,7 +156,8 @@ def plan(groups: Sequence[Group], out: Path, questions: str, threads: int | None
                                     eval_done("exact"), needs=train_id))
             if g.humaneval:
                 argv = ["eval", "--model", model, *dev, "--task", "humaneval", "--method", "ar",
-                        "--max-new-tokens", str(g.humaneval_max_new_tokens), "--dtype", g.humaneval_dtype]
+                        "--max-new-tokens", str(g.humaneval_max_new_tokens), "--dtype", g.humaneval_dtype,
+                        "--batch-size", str(g.humaneval_batch_size)]
                 if g.humaneval_limit is not None:
                     argv += ["--limit", str(g.humaneval_limit)]
                 argv += ["--out", str(qdir / "humaneval.json")]

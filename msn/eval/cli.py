@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-length", type=int, default=4, help="denoise: noise segment length L (default 4)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sample (longer ones are cut)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="humaneval: generation budget per problem")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per forward (default 4); humaneval: problems per batched greedy generate call "
+                        "(default 1, one at a time; more needs --method ar)")
     p.add_argument("--seed", type=int, default=0, help="denoise: seed of the (fixed) evaluation noise")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
@@ -43,7 +45,8 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
 
         return dict(
             evaluate_humaneval(
-                model, tokenizer, method=args.method, limit=args.limit, max_new_tokens=args.max_new_tokens
+                model, tokenizer, method=args.method, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
             )
         )
     from msn.data import BUILTIN_DATASETS, build_dataset
@@ -104,9 +107,15 @@ def print_table(results: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.task not in TASKS:
         raise InputError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}", field="task")
+    if args.batch_size is None:  # HumanEval one problem at a time unless asked: batching may flip a near tie
+        args.batch_size = 1 if args.task == "humaneval" else 4
     for name in ("noise_length", "max_length", "batch_size", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}", field=name)
+    if args.task == "humaneval":
+        from msn.eval.humaneval import check_batching
+
+        check_batching(args.method, args.batch_size)
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, got {args.limit}", field="limit")
     if args.task == "denoise" and args.noise_length >= args.max_length:
