@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL
+from msn.outputs import atomic_write_text
 
 TASKS = ("denoise", "heldout-loss", "agreement", "humaneval")
 
@@ -77,13 +76,7 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON atomically: a reader never sees half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, p)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def print_table(results: dict[str, Any]) -> None:
