@@ -99,6 +99,14 @@ def test_accepted_drafts_and_nodes_per_source_map(answers):
     assert o["nodes_per_step"]["jacobi"] == pytest.approx((20 + 40 + 60) / 40)
     table = to_markdown(summarize(answers))
     assert "jacobi 1.62 (3.0), recycling 0.38 (3.0) |" in table  # a source with no nodes and no tokens is left out
+    for r in tr:  # on a step where Jacobi drafted too, recycling's tokens were Jacobi's as well
+        by = r["choices"][0]["accepted_by_source"]
+        r["choices"][0]["sole_by_source"] = {
+            "jacobi": by["jacobi"], "retrieval": by["retrieval"],
+            "recycling": [0 if j else x for x, j in zip(by["recycling"], by["jacobi"], strict=True)]}
+    o = summarize(answers)["methods"]["tr-jacobi"]["overall"]
+    assert o["sole_per_step"] == pytest.approx({"jacobi": 65 / 40, "recycling": 5 / 40, "retrieval": 0.0})
+    assert "jacobi 1.62 (3.0; 1.62 alone), recycling 0.38 (3.0; 0.12 alone) |" in to_markdown(summarize(answers))
 
 
 def test_mat_unknown_without_steps(answers):

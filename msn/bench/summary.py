@@ -129,6 +129,7 @@ def _group_stats(recs: Sequence[dict], base: Sequence[dict] | None, compare_text
         "retrieval_per_step": _source_per_step(recs, "retrieval_accepted"),
         "drafted_per_step": _by_source_per_step(recs, "accepted_by_source"),
         "nodes_per_step": _by_source_per_step(recs, "nodes_by_source"),
+        "sole_per_step": _by_source_per_step(recs, "sole_by_source"),  # drafts no other source drafted
         "answers": len(recs),
         "new_tokens": sum(sum(_choice(r)["new_tokens"]) for r in recs),
         "wall_time": sum(sum(_choice(r)["wall_time"]) for r in recs),
@@ -188,7 +189,7 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 def overall_table(summary: Mapping) -> str:
     base = summary.get("baseline") or BASELINE
     lines = [f"| method | tokens/s | speedup | MAT | identical to {base} | accepted drafts per step by source "
-             "(nodes per step) |", "|---|---:|---:|---:|---:|---|"]
+             "(nodes per step; of the drafts, those no other source drafted) |", "|---|---:|---:|---:|---:|---|"]
     own_stream = not_comparable(summary)
     for m, e in summary["methods"].items():
         o = e["overall"]
@@ -203,9 +204,11 @@ def overall_table(summary: Mapping) -> str:
 
 
 def _sources_cell(o: Mapping) -> str:
-    drafted, nodes = o.get("drafted_per_step"), o.get("nodes_per_step") or {}
+    drafted, nodes, sole = o.get("drafted_per_step"), o.get("nodes_per_step") or {}, o.get("sole_per_step")
     if drafted:
-        return ", ".join(f"{n} {v:.2f} ({nodes.get(n, 0):.1f})" for n, v in drafted.items() if v or nodes.get(n))
+        alone = (lambda n: f"; {sole.get(n, 0):.2f} alone") if sole else (lambda n: "")  # older answers: no sole
+        return ", ".join(f"{n} {v:.2f} ({nodes.get(n, 0):.1f}{alone(n)})" for n, v in drafted.items()
+                         if v or nodes.get(n))
     j, r = o.get("jacobi_per_step"), o.get("retrieval_per_step")  # answers from before per-source maps
     return "–" if j is None or r is None else f"jacobi {j:.2f}, retrieval {r:.2f}"
 
