@@ -85,7 +85,9 @@ def iter_prompts(source: str) -> Iterator[Prompt]:
     """Prompts of a built-in dataset's *training* split (its held-out split stays unseen) or a JSONL file.
 
     A JSONL line is ``{"prompt": ...}`` (optionally with an ``id``) or any record ``msn train`` reads (its first
-    user turn is the prompt). Prompts quoting a HumanEval signature are left out.
+    user turn is the prompt). Prompts quoting a HumanEval signature are left out. A key seen before (stdlib-code
+    names a method ``file:name``, so two classes' ``close`` share it) gets ``#2``, ``#3``, ... in order:
+    resuming matches prompts by key, and a shared key would count the second prompt as answered.
     """
     if source in PROMPT_SOURCES:
         from msn.data import iter_records
@@ -95,9 +97,11 @@ def iter_prompts(source: str) -> Iterator[Prompt]:
     else:
         records = _file_prompts(Path(source))
     excluded = _excluded_texts()
+    seen: dict[str, int] = {}
     for p in records:
         if not any(sig in p.text for sig in excluded):
-            yield p
+            seen[p.key] = n = seen.get(p.key, 0) + 1
+            yield p if n == 1 else Prompt(f"{p.key}#{n}", p.text)
 
 
 # ---------------------------------------------------------------------------------------------- output

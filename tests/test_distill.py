@@ -171,3 +171,14 @@ def test_heldout_split_of_a_file_is_the_part_train_leaves_out(tmp_path, tiny_dir
     assert rc == 0 and json.loads(res.read_text())["samples"] == len(held)
     rc = main(["eval", "--task", "agreement", "--model", str(tiny_dir), "--data", str(rows), "--split", "nope"])
     assert rc == 2 and "--split" in capsys.readouterr().err
+
+
+def test_prompts_sharing_a_key_each_get_their_own(tmp_path):
+    """stdlib-code keys methods as file:name, so two classes' `close` collide; resume matches by key, so each
+    prompt needs its own or the second would be counted as answered without an answer."""
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"id": "a", "prompt": t}) + "\n" for t in ("one", "two", "three")))
+    assert [(p.key, p.text) for p in distill_mod.iter_prompts(str(f))] == [("a", "one"), ("a#2", "two"),
+                                                                           ("a#3", "three")]
+    keys = [p.key for _, p in zip(range(3000), distill_mod.iter_prompts("stdlib-code"), strict=False)]
+    assert len(set(keys)) == len(keys) == 3000 and any("#2" in k for k in keys)

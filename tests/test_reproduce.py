@@ -220,7 +220,7 @@ def test_distill_budget_trains_and_scores_on_the_base_models_own_answers(tmp_pat
     # --distill-limit: fewer prompts for every distilled group (a shorter run), nothing else changes.
     small = drv.configure(drv.parse_args(["--budget", "distill", "--groups", "general,code", "--distill-limit", "800"]))
     assert [g.distill["limit"] for g in small] == [800, 800]
-    assert [g.distill["limit"] for g in drv.budget("distill") if g.name != "ablation"] == [3200, 2400]
+    assert [g.distill["limit"] for g in drv.budget("distill") if g.name != "ablation"] == [3200, 2000]
     argv = next(s.argv for s in drv.plan(small, out, "q.jsonl", 1, None, False) if s.argv[0] == "distill")
     assert argv[argv.index("--limit") + 1] == "800"
     # HumanEval of the code group: batched greedy, the same batch for every variant (base, sft, msn)
