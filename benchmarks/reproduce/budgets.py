@@ -139,10 +139,11 @@ def budget(name: str) -> list[Group]:
                   [SFT, msn(1, 4), msn(4, 4), msn(8, 4), msn(4), Variant("msn-L4x4-predicted", "predicted", 4, 4)],
                   ablation_train, distill=general, ablation=True, ablation_segments=4, **common),
             # Qwen answers 2000 stdlib prompts in ~2 h (AMX Xeon, 2 threads, ~53 tok/s; answers average ~174 of
-            # 192 tokens): ~1900 training samples of ~250 tokens, so 240 steps of 8 = one epoch = ~0.48M tokens,
-            # ~20 s per step with one thread each when SFT and MSN train side by side (~80 min).
+            # 192 tokens): ~1900 training samples of ~250 tokens. 120 steps of 8 = half an epoch = ~0.24M tokens
+            # (the ablation's budget): ~37 s per step with one thread each when SFT and MSN train side by side,
+            # so ~75 min; one epoch (240 steps) would leave no session time for quality and speed.
             Group("code", "qwen2.5-coder-0.5b", "stdlib-code", [BASE, SFT, msn(4, 4)],
-                  _train(240, 4, 2, 2e-4, 20, 320, 120, 40, 64, 10), lora=True, lora_r=16,
+                  _train(120, 4, 2, 2e-4, 10, 320, 60, 20, 64, 10), lora=True, lora_r=16,
                   distill=_distill("stdlib-code", 2000, 192, 128, batch_size=8), humaneval=True,
                   humaneval_max_new_tokens=256, humaneval_batch_size=8, eval_limit=128, eval_max_length=320, per_category=1,
                   max_new_tokens=128),
