@@ -165,6 +165,13 @@ def _write_meta(out: Path, settings: dict, counts: dict, started: str) -> None:
 # ---------------------------------------------------------------------------------------------- generation
 
 
+def pad_id_for(tokenizer, eos: Sequence[int]) -> int:
+    """The id that left-pads a batch for :func:`greedy_batch`: the tokenizer's pad token, else an EOS, else 0
+    (padding is masked out, so any id will do)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else eos[0] if eos else 0
+
+
 def greedy_batch(model, prompt_ids: Sequence, max_new_tokens: int, eos: Sequence[int],
                  pad_id: int) -> list[tuple[list[int], bool]]:
     """Greedy answers for a batch of encoded prompts (1-D id tensors): left-padded, one ``model.generate``
@@ -224,7 +231,7 @@ def distill(model, tokenizer, prompts_source: str, out: Path, settings: dict, li
                        "as the model would in use, so give a chat model (an -Instruct checkpoint)")
     done = plan_out(out, settings)
     eos = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad_id = pad_id_for(tokenizer, eos)
     todo, skipped_long, seen = [], 0, 0  # todo: (prompt, its ids), encoded once
     for p in iter_prompts(prompts_source):
         if seen >= limit:

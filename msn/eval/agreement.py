@@ -21,11 +21,11 @@ def greedy_agreement(model, tokenizer, records: Sequence[Record], batch_size: in
     is a prefix of the new answer); ``prefix``: mean share of the reference's characters reproduced before
     the first difference.
     """
-    from msn.distill import greedy_batch
+    from msn.distill import greedy_batch, pad_id_for
     from msn.prompting import encode_prompt, eos_ids
 
     eos = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad_id = pad_id_for(tokenizer, eos)
     pairs = []
     for r in records:
         user = next(m["content"] for m in r.messages if m["role"] == "user")

@@ -168,7 +168,7 @@ def evaluate_humaneval(
             chunk = problems[start:start + batch_size]
             prompts = [encode_text(tokenizer, build_prompt(p, tokenizer, chat), special_tokens=not chat)
                        for p in chunk]
-            answers = _answers(model, prompts, max_new_tokens, method, eos, device, tokenizer)
+            answers = _answers(model, prompts, max_new_tokens, method, eos, device, tokenizer, batch_size > 1)
             for problem, (new, n_new, steps, wall) in zip(chunk, answers, strict=True):
                 reply = tokenizer.decode(new, skip_special_tokens=True)
                 completion = extract_code(chat_prefix() + reply, problem) if chat else truncate_completion(reply)
@@ -189,19 +189,18 @@ def evaluate_humaneval(
 
 
 def _answers(model, prompts: list[torch.Tensor], max_new_tokens: int, method: str, eos: list[int], device,
-             tokenizer) -> list[tuple[list[int], int, int, float]]:
+             tokenizer, batched: bool) -> list[tuple[list[int], int, int, float]]:
     """(new token ids, new-token count with EOS, decoding steps, seconds) per prompt ([1, n] ids): one
-    ``generate`` each, or, for more than one prompt, one batched greedy call whose time is shared out evenly."""
-    if len(prompts) == 1:
+    ``generate`` for one prompt, or, ``batched``, one batched greedy call (a last chunk of one too, so every
+    problem of a batched run is generated the same way) whose time is shared out evenly."""
+    if not batched:
         out = _generate(model, prompts[0].to(device), max_new_tokens, method, eos)
         new = out.sequences[0, prompts[0].shape[1]:].tolist()
         return [(new, int(out.new_tokens), int(out.steps), float(out.wall_time))]
-    from msn.distill import greedy_batch
+    from msn.distill import greedy_batch, pad_id_for
 
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else eos[0] if eos else 0  # padding is masked out: any id will do
     t0 = time.perf_counter()
-    got = greedy_batch(model, [p[0] for p in prompts], max_new_tokens, eos, pad_id)
+    got = greedy_batch(model, [p[0] for p in prompts], max_new_tokens, eos, pad_id_for(tokenizer, eos))
     wall = (time.perf_counter() - t0) / len(prompts)
     # an EOS counts as a new token (and a step), as in generate's output, so the counts compare
     return [(ids, len(ids) + finished, len(ids) + finished, wall) for ids, finished in got]
