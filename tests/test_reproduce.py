@@ -394,11 +394,13 @@ def test_paired_per_question_comparison(tmp_path):
     answers = tmp_path / "jacobi.jsonl"
     rows = [{"question_id": 1, "choices": [{"new_tokens": [8, 4], "decoding_steps": [4, 2],
                                             "accepted_by_source": {"jacobi": [1, 0, 0, 1, 1, 0]}}]},
-            {"question_id": 2, "choices": [{"new_tokens": [9], "decoding_steps": [9]}]}]
+            {"question_id": 2, "choices": [{"new_tokens": [9], "decoding_steps": [9]}]},
+            {"question_id": 3, "choices": [{"new_tokens": [4], "decoding_steps": [2],  # before the per-source maps
+                                            "jacobi_accepted": [1, 0]}]}]
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    assert rep.per_question(answers, rep.tokens_per_step) == {"1": 2.0, "2": 1.0}
-    # q2 has no per-source counts (a method without a tree, or a bench before they existed)
-    assert rep.per_question(answers, rep.drafted_per_step("jacobi")) == {"1": 0.5}
+    assert rep.per_question(answers, rep.tokens_per_step) == {"1": 2.0, "2": 1.0, "3": 2.0}
+    # q2 has no per-source counts (a method without a tree); q3 only the older jacobi_accepted field
+    assert rep.per_question(answers, rep.drafted_per_step("jacobi")) == {"1": 0.5, "3": 0.5}
     assert rep.per_question(tmp_path / "missing.jsonl", rep.tokens_per_step) == {}
 
     a = {str(i): 1.5 + 0.01 * i for i in range(20)}

@@ -30,11 +30,13 @@ def tokens_per_step(choice: dict) -> float:
 def drafted_per_step(source: str, sole: bool = False) -> Callable[[dict], float]:
     """Accepted draft tokens per step that ``source`` drafted, over all turns of a tree method's answer: the
     share of MAT one draft source earns (a token two sources drafted counts for each); ``sole``: only tokens
-    no other source drafted, what the source adds over the others."""
+    no other source drafted, what the source adds over the others. Answers from before the per-source maps
+    carry ``jacobi_accepted`` / ``retrieval_accepted`` only; those are read for the shared credit."""
     key = "sole_by_source" if sole else "accepted_by_source"
 
     def value(choice: dict) -> float:
-        steps = choice[key][source]
+        legacy = key not in choice and not sole
+        steps = choice[f"{source}_accepted"] if legacy else choice[key][source]
         return sum(steps) / len(steps)
     return value
 
