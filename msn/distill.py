@@ -7,7 +7,9 @@ own answers makes "denoise to the clean label" the same thing as "propose what v
 The output is a JSONL of ``{"prompt", "response", ...}`` records that ``msn train --data FILE`` reads as is.
 Beside it, ``FILE.meta.json`` records the model, the prompt source and the settings. The run appends one
 batch at a time (flushed and synced), so Ctrl-C or a kill loses at most the batch in flight; a rerun with
-the same settings skips every prompt already answered and cuts a torn last line.
+the same settings skips every prompt already answered and cuts a torn last line. A second ``msn distill``
+on the same file is refused while the first runs (an advisory lock on the file), since both would append
+answers to the same prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +147,37 @@ def plan_out(out: Path, settings: dict) -> set[str]:
         raise InputError(f"exists and is not an msn distill output ({meta.name} missing); choose another --out",
                          where=str(out))
     return set()
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``out`` (created if missing) for the whole run.
+
+    Two processes appending to one file answer the same prompts twice (seen once: ~100 duplicate keys). The
+    lock is taken on the output itself, so no lock file is left behind; a file this call created and that is
+    still empty when the run fails is removed again. Where ``fcntl`` is missing (Windows) nothing is locked.
+    """
+    created = not out.exists()
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError("another msn distill is writing this file; wait for it to finish or choose "
+                                 "another --out", where=str(out)) from None
+        try:
+            yield
+        except BaseException:
+            if created and os.fstat(fd).st_size == 0 and not meta_path(out).exists():
+                out.unlink(missing_ok=True)
+            raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _append(out: Path, records: Sequence[dict]) -> None:
@@ -315,8 +349,9 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    counts = distill(model, tokenizer, args.prompts, out, settings, args.limit, args.batch_size)
+    with exclusive(out):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        counts = distill(model, tokenizer, args.prompts, out, settings, args.limit, args.batch_size)
     print(f"{out}: {counts['answered']} of {counts['prompts']} prompts answered "
           f"({counts['skipped_long_prompts']} too long skipped); sidecar {meta_path(out)}")
     return 0

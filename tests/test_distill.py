@@ -112,7 +112,7 @@ def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, tiny_dir, prompts, 
     none = tmp_path / "none.jsonl"
     none.write_text("\n")
     rc, err = run(common(tiny_dir, none, out), capsys)
-    assert rc == 2 and "no usable prompts" in err
+    assert rc == 2 and "no usable prompts" in err and not out.exists()  # the lock's empty file is removed
 
     rc, err = run(common(tiny_dir, prompts, out, **{"--limit": 0}), capsys)
     assert rc == 2 and "--limit" in err
@@ -140,7 +140,20 @@ def test_a_model_without_chat_template_is_refused(tmp_path, tiny_dir, prompts, c
     for extra in plain.glob("chat_template.*"):
         extra.unlink()
     rc, err = run(common(plain, prompts, tmp_path / "d.jsonl"), capsys)
-    assert rc == 2 and "no chat template" in err
+    assert rc == 2 and "no chat template" in err and not (tmp_path / "d.jsonl").exists()
+
+
+def test_a_second_distill_on_a_file_being_written_is_refused(tmp_path, tiny_dir, prompts, capsys):
+    fcntl = pytest.importorskip("fcntl", reason="advisory locks need fcntl (not on Windows)")
+    out = tmp_path / "d.jsonl"
+    assert run(common(tiny_dir, prompts, out, **{"--limit": 2}), capsys)[0] == 0
+    before = out.read_bytes()
+    with open(out, "a") as other:  # what a running distill holds
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, err = run(common(tiny_dir, prompts, out), capsys)
+    assert rc == 2 and "d.jsonl: another msn distill is writing this file" in err
+    assert out.read_bytes() == before
+    assert run(common(tiny_dir, prompts, out), capsys)[0] == 0 and len(lines(out)) == 6  # released: resumes
 
 
 def test_agreement_is_one_for_the_model_that_wrote_the_answers_and_less_for_another(tmp_path, prompts, writer,
