@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 
@@ -81,6 +81,7 @@ class TurnResult:
     wall_time: float
     steps: int | None  # verification forwards (prefill included in the first)
     accept_lengths: list[int] | None  # per step, bonus included; sums to new_tokens
+    _: KW_ONLY  # the optional per-step records are named, so a new one cannot shift the others
     # Tree methods, per source name, per step: accepted drafts that source drafted / its nodes in the tree.
     accepted_by_source: dict[str, list[int]] | None = None
     nodes_by_source: dict[str, list[int]] | None = None
@@ -180,9 +181,11 @@ def run_turn(
     tree_run = bool(out.accepted_by_source)
     return TurnResult(
         _decode(tokenizer, new), out.new_tokens, out.wall_time, out.steps, list(out.accept_lengths),
-        out.accepted_by_source if tree_run else None, out.nodes_by_source if tree_run else None,
-        out.sole_by_source if tree_run else None, out.tree_sizes if tree_run else None,
-        None if sampling is None else seed,
+        accepted_by_source=out.accepted_by_source if tree_run else None,
+        nodes_by_source=out.nodes_by_source if tree_run else None,
+        sole_by_source=out.sole_by_source if tree_run else None,
+        tree_sizes=out.tree_sizes if tree_run else None,
+        seed=None if sampling is None else seed,
     )
 
 
