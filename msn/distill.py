@@ -311,7 +311,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="sharegpt",
                    help="sharegpt (first user turns), stdlib-code (signature + docstring), or a JSONL file of "
                         "{\"prompt\": ...} lines or chat records; built-ins use their training split only")
-    p.add_argument("--out", required=True, help="output JSONL (appended; a rerun resumes it)")
+    p.add_argument("--out", required=True, help="output JSONL (appended; a rerun resumes it; one distill per file at a time)")
     p.add_argument("--limit", type=int, default=2000, help="number of prompts (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=256,
