@@ -24,6 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 from msn.clock import now
 from msn.errors import InputError, MsnError
 
@@ -160,22 +165,17 @@ def exclusive(out: Path) -> Iterator[None]:
     created = not out.exists()
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise InputError("another msn distill is writing this file; wait for it to finish or choose "
                                  "another --out", where=str(out)) from None
-        try:
-            yield
-        except BaseException:
-            if created and os.fstat(fd).st_size == 0 and not meta_path(out).exists():
-                out.unlink(missing_ok=True)
-            raise
+        yield
+    except BaseException:
+        if created and os.fstat(fd).st_size == 0 and not meta_path(out).exists():
+            out.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)  # releases the lock
 
