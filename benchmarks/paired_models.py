@@ -17,6 +17,7 @@ own decoder state (recycling table, calibration) over the run, as in `msn bench`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -57,6 +58,27 @@ def labels(models: list[str]) -> list[str]:
     return [f"{i}-{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def depth_profile(path: Path, depths: tuple[int, ...] = (1, 2, 3)) -> dict | None:
+    """Pooled over every step of a tree method's answers: the share of steps that accepted at least d
+    Jacobi-drafted tokens (is MSN's gain only the first draft, or deeper?) and draft nodes per step by source
+    (what the tree spent). None for a method without per-step source records."""
+    accepted: list[int] = []
+    nodes: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                choice = json.loads(line)["choices"][0]
+                steps, drafted = choice["accepted_by_source"]["jacobi"], choice["nodes_by_source"]
+                accepted += steps
+                for source, per_step in drafted.items():
+                    nodes[source] = nodes.get(source, 0) + sum(per_step)
+    if not accepted:
+        return None
+    n = len(accepted)
+    return {"steps": n, "at_least": {d: sum(a >= d for a in accepted) / n for d in depths},
+            "nodes_per_step": {s: v / n for s, v in nodes.items()}}
+
+
 def summarize(out: Path, names: list[str], methods: list[str]) -> dict:
     """Per method: each model's mean tokens/s, MAT and (tree methods) accepted drafts per step by source, and
     every model against the first, paired."""
@@ -69,6 +91,8 @@ def summarize(out: Path, names: list[str], methods: list[str]) -> dict:
                      "mat": statistics.fmean(r["mat"].values()) if r["mat"] else None,
                      "accepted_per_step": {s: statistics.fmean(r[s].values()) for s in DRAFTERS if r[s]}}
                  for n, r in recs.items()}
+        for n in names:
+            entry[n]["jacobi_depth"] = depth_profile(out / "answers" / n / f"{m}.jsonl")
         for n in names[1:]:
             entry[n]["vs_first"] = {key: paired(recs[n][key], recs[names[0]][key]) for key in READ
                                     if recs[n][key]}
@@ -100,6 +124,17 @@ def render(summary: dict) -> str:
                 if per:
                     lines.append(f"| {m} | {n} | " + " | ".join(_source_cell(per.get(s), vs.get(s)) for s in sources)
                                  + " |")
+    depth = [(m, n, e[n]["jacobi_depth"]) for m, e in summary["methods"].items() for n in names
+             if e[n].get("jacobi_depth")]
+    if depth:
+        lines += ["", "Per depth (pooled steps): share of steps accepting at least d Jacobi-drafted tokens, and draft "
+                  "nodes per step by source", "",
+                  "| method | model | steps | >= 1 | >= 2 | >= 3 | nodes per step: "
+                  + " / ".join(SOURCES) + " |", "|---|---|---:|---:|---:|---:|---|"]
+        for m, n, d in depth:
+            shares = " | ".join(f"{d['at_least'][k]:.3f}" for k in sorted(d["at_least"]))
+            per = " / ".join(f"{d['nodes_per_step'].get(s, 0.0):.2f}" for s in SOURCES)
+            lines.append(f"| {m} | {n} | {d['steps']} | {shares} | {per} |")
     return "\n".join(lines)
 
 

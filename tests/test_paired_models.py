@@ -56,6 +56,16 @@ def test_two_models_answer_every_question_then_resume(two_models, tmp_path, caps
     assert set(tree["accepted_per_step"]) == {*names, *(f"{n} alone" for n in names)}
     assert all(tree["accepted_per_step"][f"{n} alone"] <= tree["accepted_per_step"][n] for n in names)
     assert tree["accepted_per_step"]["retrieval"] == pytest.approx(sum(by_q) / len(by_q))
+    # Per depth: pooled steps, share accepting >= d Jacobi drafts, nodes per step by source.
+    jac = [a for c in recs for a in c["accepted_by_source"]["jacobi"]]
+    depth = tree["jacobi_depth"]
+    assert depth["steps"] == len(jac) == sum(len(c["tree_sizes"]) for c in recs)
+    assert depth["at_least"]["2"] == pytest.approx(sum(a >= 2 for a in jac) / len(jac))
+    assert 1 >= depth["at_least"]["1"] >= depth["at_least"]["2"] >= depth["at_least"]["3"] >= 0
+    nodes = sum(sum(c["nodes_by_source"]["retrieval"]) for c in recs)
+    assert depth["nodes_per_step"]["retrieval"] == pytest.approx(nodes / len(jac))
+    assert s["methods"]["ar"]["msn"]["jacobi_depth"] is None
+    assert "| tr-jacobi | msn | " + str(len(jac)) + " | " in (out / "summary.md").read_text().split("Per depth")[1]
     assert s["methods"]["ar"]["msn"]["accepted_per_step"] == {} and "jacobi" not in s["methods"]["ar"]["msn"]["vs_first"]
     assert "| tr-jacobi | msn | " in (out / "summary.md").read_text().split("by the source that drafted them")[1]
     capsys.readouterr()
