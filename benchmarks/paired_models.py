@@ -29,6 +29,7 @@ from msn.bench import runner
 from msn.bench.questions import load_questions, select
 from msn.bench.session import answered
 from msn.bench.stats import (
+    answer_choices,
     append_answers,
     drafted_per_step,
     paired,
@@ -49,6 +50,7 @@ from msn.prompting import eos_ids
 # "S alone" counts only the drafts no other source proposed: what S adds over the others.
 DRAFTERS = {s: drafted_per_step(s) for s in SOURCES} | {f"{s} alone": drafted_per_step(s, sole=True) for s in SOURCES}
 READ = {"tps": tokens_per_s, "mat": tokens_per_step} | DRAFTERS
+DEPTHS = (1, 2, 3)  # the per-depth table: share of steps accepting at least d Jacobi drafts
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
@@ -58,24 +60,22 @@ def labels(models: list[str]) -> list[str]:
     return [f"{i}-{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def depth_profile(path: Path, depths: tuple[int, ...] = (1, 2, 3)) -> dict | None:
+def depth_profile(path: Path) -> dict | None:
     """Pooled over every step of a tree method's answers: the share of steps that accepted at least d
     Jacobi-drafted tokens (is MSN's gain only the first draft, or deeper?) and draft nodes per step by source
     (what the tree spent). None for a method without per-step source records."""
     accepted: list[int] = []
     nodes: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
-                choice = json.loads(line)["choices"][0]
-                steps, drafted = choice["accepted_by_source"]["jacobi"], choice["nodes_by_source"]
-                accepted += steps
-                for source, per_step in drafted.items():
-                    nodes[source] = nodes.get(source, 0) + sum(per_step)
+    for _, choice in answer_choices(path):
+        with contextlib.suppress(KeyError, TypeError):
+            steps, drafted = choice["accepted_by_source"]["jacobi"], choice["nodes_by_source"]
+            accepted += steps
+            for source, per_step in drafted.items():
+                nodes[source] = nodes.get(source, 0) + sum(per_step)
     if not accepted:
         return None
     n = len(accepted)
-    return {"steps": n, "at_least": {d: sum(a >= d for a in accepted) / n for d in depths},
+    return {"steps": n, "at_least": {d: sum(a >= d for a in accepted) / n for d in DEPTHS},
             "nodes_per_step": {s: v / n for s, v in nodes.items()}}
 
 
@@ -129,10 +129,10 @@ def render(summary: dict) -> str:
     if depth:
         lines += ["", "Per depth (pooled steps): share of steps accepting at least d Jacobi-drafted tokens, and draft "
                   "nodes per step by source", "",
-                  "| method | model | steps | >= 1 | >= 2 | >= 3 | nodes per step: "
-                  + " / ".join(SOURCES) + " |", "|---|---|---:|---:|---:|---:|---|"]
+                  "| method | model | steps | " + " | ".join(f">= {k}" for k in DEPTHS) + " | nodes per step: "
+                  + " / ".join(SOURCES) + " |", "|---|---|---:|" + "---:|" * len(DEPTHS) + "---|"]
         for m, n, d in depth:
-            shares = " | ".join(f"{d['at_least'][k]:.3f}" for k in sorted(d["at_least"]))
+            shares = " | ".join(f"{d['at_least'][k]:.3f}" for k in DEPTHS)
             per = " / ".join(f"{d['nodes_per_step'].get(s, 0.0):.2f}" for s in SOURCES)
             lines.append(f"| {m} | {n} | {d['steps']} | {shares} | {per} |")
     return "\n".join(lines)

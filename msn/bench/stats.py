@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,29 @@ def drafted_per_step(source: str, sole: bool = False) -> Callable[[dict], float]
     return value
 
 
+def answer_choices(path: Path) -> Iterator[tuple[str, dict]]:
+    """(question_id, first choice) per line of one Spec-Bench answer JSONL; a torn or foreign line is
+    skipped, a missing file gives nothing."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+            qid, choice = str(rec["question_id"]), rec["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        yield qid, choice
+
+
 def per_question(path: Path, value: Callable[[dict], float]) -> dict[str, float]:
-    """question_id -> ``value`` of its answer's first choice, over one Spec-Bench answer JSONL; a line without
-    the fields (an older bench, a torn line) is skipped, a missing file gives {}."""
+    """question_id -> ``value`` of its answer's first choice; an answer without the fields ``value`` reads
+    (an older bench) is skipped."""
     out: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
-                rec = json.loads(line)
-                out[str(rec["question_id"])] = value(rec["choices"][0])
+    for qid, choice in answer_choices(path):
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
+            out[qid] = value(choice)
     return out
 
 
