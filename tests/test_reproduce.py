@@ -223,9 +223,9 @@ def test_distill_budget_trains_and_scores_on_the_base_models_own_answers(tmp_pat
     assert [g.distill["limit"] for g in drv.budget("distill") if g.name != "ablation"] == [3200, 2000]
     argv = next(s.argv for s in drv.plan(small, out, "q.jsonl", 1, None, False) if s.argv[0] == "distill")
     assert argv[argv.index("--limit") + 1] == "800"
-    # HumanEval of the code group: batched greedy, the same batch for every variant (base, sft, msn)
+    # HumanEval of the code group: batched greedy, the same batch for every variant (base, sft, msn, predicted)
     he = [s.argv for s in stages if s.id.endswith(":humaneval")]
-    assert len(he) == 3 and all(a[a.index("--batch-size") + 1] == "8" and a[a.index("--method") + 1] == "ar"
+    assert len(he) == 4 and all(a[a.index("--batch-size") + 1] == "8" and a[a.index("--method") + 1] == "ar"
                                 for a in he)
 
 
@@ -251,25 +251,26 @@ def test_issue11_targets_are_judged_from_paired_results():
     assert rep.ratio_vs({"1": 20.0, "2": 30.0}, {"1": 10.0, "3": 1.0})["ratio"] == 2.0
 
 
-def test_predicted_noise_is_kept_only_if_it_beats_ahead_paired():
+@pytest.mark.parametrize("group", ["ablation", "code"])
+def test_predicted_noise_is_kept_only_if_it_beats_ahead_paired(group):
+    """Both distilled groups that train ``--noise predicted`` judge it against ahead noise at the same L x segments."""
     load_driver()
     rep = sys.modules["report"]
-    g = next(g for g in sys.modules["budgets"].budget("distill") if g.name == "ablation")
+    g = next(g for g in sys.modules["budgets"].budget("distill") if g.name == group)
 
     def entry(by_jacobi, tps):
         return {"speed": {"overall": {"tr-jacobi": {"jacobi_per_step": by_jacobi}},
                           "per_question_tps": {"tr-jacobi": tps}}}
 
     base = {str(i): 20.0 + i for i in range(10)}
-    variants = {"ablation-msn-L4x4": entry(0.20, base),
-                "ablation-msn-L4x4-predicted": entry(0.30, {k: v + 2.0 for k, v in base.items()})}
+    ahead, pred = f"{group}-msn-L4x4", f"{group}-msn-L4x4-predicted"
+    variants = {ahead: entry(0.20, base), pred: entry(0.30, {k: v + 2.0 for k, v in base.items()})}
     rows = rep.predicted_vs_ahead(g, variants)
-    assert len(rows) == 1 and rows[0]["variant"] == "ablation-msn-L4x4-predicted vs ablation-msn-L4x4"
+    assert len(rows) == 1 and rows[0]["variant"] == f"{pred} vs {ahead}"
     assert rows[0]["holds"] == "yes" and "0.300 vs 0.200" in rows[0]["ours"]
-    variants["ablation-msn-L4x4-predicted"] = entry(0.30, {k: v + (1.0 if int(k) % 2 else -1.0)
-                                                          for k, v in base.items()})
+    variants[pred] = entry(0.30, {k: v + (1.0 if int(k) % 2 else -1.0) for k, v in base.items()})
     assert rep.predicted_vs_ahead(g, variants)[0]["holds"] == "no"  # more Jacobi tokens, no faster
-    assert rep.predicted_vs_ahead(g, {**variants, "ablation-msn-L4x4": {}})[0]["holds"] == "n/a"
+    assert rep.predicted_vs_ahead(g, {**variants, ahead: {}})[0]["holds"] == "n/a"
 
 
 def test_training_uses_every_core_and_benches_their_own_threads(tmp_path, monkeypatch):

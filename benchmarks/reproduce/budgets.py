@@ -142,7 +142,8 @@ def budget(name: str) -> list[Group]:
             # 192 tokens): ~1900 training samples of ~250 tokens. 120 steps of 8 = half an epoch = ~0.24M tokens
             # (the ablation's budget): ~37 s per step with one thread each when SFT and MSN train side by side,
             # so ~75 min; one epoch (240 steps) would leave no session time for quality and speed.
-            Group("code", "qwen2.5-coder-0.5b", "stdlib-code", [BASE, SFT, msn(4, 4)],
+            Group("code", "qwen2.5-coder-0.5b", "stdlib-code",
+                  [BASE, SFT, msn(4, 4), Variant("msn-L4x4-predicted", "predicted", 4, 4)],
                   _train(120, 4, 2, 2e-4, 10, 320, 60, 20, 64, 10), lora=True, lora_r=16,
                   distill=_distill("stdlib-code", 2000, 192, 128, batch_size=8), humaneval=True,
                   humaneval_max_new_tokens=256, humaneval_batch_size=8, eval_limit=128, eval_max_length=320, per_category=1,

@@ -303,8 +303,8 @@ def claims(groups: Sequence[Group], variants: dict[str, Any], t: dict[str, Any])
                 rows.append({"claim": "retrieval helps every category (tr-jacobi > jacobi)", "paper": "yes",
                              "variant": vid, "ours": f"{r['helped']}/{r['n']} categories",
                              "holds": holds(r["helped"] == r["n"])})
+        rows += predicted_vs_ahead(g, variants)  # no row unless the group trains a predicted variant
         if g.ablation:
-            rows += predicted_vs_ahead(g, variants)
             abl = [r for r in t["noise_length_ablation"] if r["variant"].startswith(f"{g.name}-")]
             scored = [r for r in abl if r["tr-jacobi_speedup"] is not None]
             if {r["length"] for r in scored} >= {1, 4, 8}:
