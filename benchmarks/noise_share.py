@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from msn.data import IGNORE, build_dataset, iter_batches, pad_batch
-from msn.noise import ahead_noise, predicted_noise, sample_segments, seeded_generator
+from msn.noise import NoiseConfig, apply_noise, predicted_noise, seeded_generator
 
 
 def segment_offsets(mask: torch.Tensor) -> torch.Tensor:
@@ -33,16 +33,16 @@ def clean_share(model, samples: Sequence[dict[str, torch.Tensor]], length: int =
                 seed: int = 0, batch_size: int = 8) -> dict[str, list[float]]:
     """``{"ahead": [...], "predicted": [...], "positions": [...]}``: per offset k = 0..length-1, the share of
     noised inputs equal to the clean input, and how many noised positions were counted at k."""
+    config = NoiseConfig(type="predicted", length=length, segments=segments)  # placed as ahead, as in training
     gen = seeded_generator(seed)
     same = {"ahead": torch.zeros(length), "predicted": torch.zeros(length)}
     n = torch.zeros(length)
     for feats in iter_batches(samples, batch_size):
         b = pad_batch(feats)
         ids, attn = b["input_ids"], b["attention_mask"]
-        mask = sample_segments(b["labels"] != IGNORE, length, segments, 1.0, gen)
-        noisy = ahead_noise(ids, mask, gen, attn)
+        noisy, mask = apply_noise(ids, b["labels"] != IGNORE, config, gen, attention_mask=attn)  # the collator's
         pred = predicted_noise(noisy, mask, model(input_ids=noisy, attention_mask=attn).logits)
-        off = segment_offsets(mask) % length  # two adjacent segments read as one run: fold it back
+        off = segment_offsets(mask)  # segments never touch (sample_segments), so each run is one segment
         for k in range(length):
             at = mask & (off == k)
             n[k] += at.sum()
