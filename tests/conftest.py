@@ -85,6 +85,13 @@ def one_thread(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def cpu_bf16_unknown(monkeypatch):
+    """Whether the CI machine's CPU has native bf16 must not change what a test prints: the bf16 notice of
+    ``msn.models.load_model`` is off here and tested on its own (tests/test_models.py)."""
+    monkeypatch.setattr("msn.models.cpu_has_native_bf16", lambda: None)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_family_model(request):
     return tiny_model(request.param)
