@@ -18,11 +18,6 @@ Rules (method.md section 1, generalised to several segments and multi-turn chats
   batch replaces every noised input ``j`` by the model's own argmax at ``j - 1`` (:func:`predicted_noise`,
   ``msn.predicted_noise``). A segment's first token is then a guess from a clean prefix and each later one a
   guess conditioned on earlier noise -- what a Jacobi draft, predicted from earlier drafts, is at inference.
-- ``rejected`` (optional, not the paper's) is what the verifier sees after a rejection: two such passes, the
-  second conditioned on the first's guesses (a two-step Jacobi trajectory), and every guess that equals the
-  clean token replaced by the model's runner-up. On a model's own (distilled) answers most first-position
-  guesses *are* the clean token (``benchmarks/noise_share.py``), so predicted noise is partly clean; at
-  inference the draft after a rejection is by definition wrong, and the next drafts were guessed from it.
 """
 
 from __future__ import annotations
@@ -33,8 +28,7 @@ import torch
 
 from msn.errors import InputError
 
-NOISE_TYPES = ("ahead", "uniform", "none", "predicted", "rejected")
-MODEL_NOISE = ("predicted", "rejected")  # placed as ahead, refilled by the model in training (msn.predicted_noise)
+NOISE_TYPES = ("ahead", "uniform", "none", "predicted")
 
 
 @dataclass(frozen=True)
@@ -166,18 +160,10 @@ def uniform_noise(
     return torch.where(noise_mask.bool(), rnd.to(input_ids.dtype), input_ids)
 
 
-def predicted_noise(
-    input_ids: torch.Tensor, noise_mask: torch.Tensor, logits: torch.Tensor, clean: torch.Tensor | None = None
-) -> torch.Tensor:
+def predicted_noise(input_ids: torch.Tensor, noise_mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Replace each ``noise_mask`` position ``j`` by ``logits[:, j - 1].argmax(-1)``: the model's guess of
-    ``j`` from the (noised) inputs before it. Position 0 has no guess and stays as it is. With ``clean`` (the
-    un-noised ids), a guess equal to ``clean[j]`` is replaced by the runner-up, so every noised input is wrong."""
+    ``j`` from the (noised) inputs before it. Position 0 has no guess and stays as it is."""
     pred = logits.argmax(-1).to(input_ids.dtype)
-    if clean is not None:
-        top = logits.topk(2, dim=-1).indices.to(input_ids.dtype)
-        runner_up = torch.where(top[..., 0] == pred, top[..., 1], top[..., 0])  # (topk may order ties otherwise)
-        nxt = torch.cat([clean[:, 1:], clean[:, :1]], dim=1)  # the clean token each position's guess is for
-        pred = torch.where(pred == nxt, runner_up, pred)
     shifted = torch.cat([input_ids[:, :1], pred[:, :-1]], dim=1)
     return torch.where(noise_mask.bool(), shifted, input_ids)
 
@@ -194,7 +180,7 @@ def apply_noise(
     if not config.enabled:
         return input_ids.clone(), torch.zeros_like(input_ids, dtype=torch.bool)
     mask = sample_segments(allowed, config.length, config.segments, config.prob, generator)
-    if config.type == "ahead" or config.type in MODEL_NOISE:  # model noise: ahead now, its guesses in training
+    if config.type in ("ahead", "predicted"):  # predicted: ahead now, the model's guesses at training time
         noisy = ahead_noise(input_ids, mask, generator, attention_mask)
     else:
         if vocab_size is None:

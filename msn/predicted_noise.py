@@ -1,11 +1,10 @@
-"""``--noise predicted`` / ``rejected``: a Trainer that refills the noised inputs with the model's own guesses.
+"""``--noise predicted``: a Trainer that refills the noised inputs with the model's own guesses.
 
 Jacobi-like noise needs the model being trained -- its current weights, on its device, inside DDP / FSDP and
 mixed precision -- so it cannot live in the data collator, which runs before the model sees the batch (maybe
 in a dataloader worker). The collator places the segments and reports them as ``noise_mask``; this Trainer
-runs no-grad forwards over the noised batch and puts the model's argmax predictions there
-(:func:`msn.noise.predicted_noise`) before the ordinary loss: one pass for ``predicted``; two for ``rejected``,
-which also swaps a guess that equals the clean token for the runner-up.
+runs one no-grad forward over the noised batch and puts the model's argmax predictions there
+(:func:`msn.noise.predicted_noise`) before the ordinary loss.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from msn.data import IGNORE
 from msn.noise import predicted_noise
 
 
@@ -21,30 +19,12 @@ class PredictedNoiseTrainer(Trainer):
     """HF ``Trainer`` whose loss (training and evaluation) first swaps ``noise_mask`` positions for the model's
     predictions at the shifted positions; ``noise_mask`` never reaches the model."""
 
-    passes: int = 1
-    reject_clean: bool = False  # every noised input differs from its clean token (the runner-up guess)
-
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         mask = inputs.pop("noise_mask", None)
         if mask is not None:
-            clean = None
-            if self.reject_clean:  # noise sits on target positions only, where the label is the clean input
-                labels = inputs["labels"]
-                clean = torch.where(mask.bool() & (labels != IGNORE), labels, inputs["input_ids"])
             # Run even when the mask is empty: under FSDP a forward is collective, so every rank must run it.
-            for _ in range(self.passes):
-                with torch.no_grad():
-                    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-                inputs["input_ids"] = predicted_noise(inputs["input_ids"], mask, logits, clean)
-                del logits
+            with torch.no_grad():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+            inputs["input_ids"] = predicted_noise(inputs["input_ids"], mask, logits)
+            del logits
         return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-
-
-class RejectedNoiseTrainer(PredictedNoiseTrainer):
-    """``--noise rejected``: two passes (the second guesses from the first's), no guess equal to the clean token."""
-
-    passes = 2
-    reject_clean = True
-
-
-TRAINERS = {"predicted": PredictedNoiseTrainer, "rejected": RejectedNoiseTrainer}

@@ -37,7 +37,7 @@ from typing import Any
 from msn.data import MSNCollator, split_dataset
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL, load_model, resolve_model
-from msn.noise import MODEL_NOISE, NoiseConfig
+from msn.noise import NoiseConfig
 
 RUN_FILE = "msn-run.json"  # written when a run starts: marks the folder as ours
 FINAL_FILE = "msn.json"  # written last: marks the final model as complete
@@ -387,12 +387,11 @@ def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: No
 
 
 def trainer_class(noise: NoiseConfig) -> type:
-    """Plain HF ``Trainer``; for ``--noise predicted|rejected`` the Trainer of ``msn.predicted_noise``, since that
-    noise needs the model."""
-    if noise.type in MODEL_NOISE:
-        from msn.predicted_noise import TRAINERS
+    """Plain HF ``Trainer``; ``PredictedNoiseTrainer`` for ``--noise predicted``, whose noise needs the model."""
+    if noise.type == "predicted":
+        from msn.predicted_noise import PredictedNoiseTrainer
 
-        return TRAINERS[noise.type]
+        return PredictedNoiseTrainer
     from transformers import Trainer
 
     return Trainer
@@ -503,9 +502,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=d.data, help="JSONL file, or a built-in dataset: sharegpt, stdlib-code")
     p.add_argument("--output", required=True, help="run folder: checkpoints, final model, msn.json")
     p.add_argument("--noise", default=d.noise, help="ahead (default) | uniform | none (plain SFT, the control) | "
-                   "predicted (ahead segments refilled with the model's own shifted guesses, like Jacobi drafts) | "
-                   "rejected (two passes of such guesses, each one that equals the clean token swapped for the runner-up: "
-                   "like the drafts after a rejection)")
+                   "predicted (ahead segments refilled with the model's own shifted guesses, like Jacobi drafts)")
     p.add_argument("--noise-length", type=int, default=d.noise_length, help="positions per noise segment (default 4)")
     p.add_argument("--noise-segments", type=int, default=d.noise_segments, help="segments per sample (default 1, the paper's; 8 learns denoising "
                    "faster on short runs at ~3%% held-out loss: docs/results.md section 8)")

@@ -1,5 +1,4 @@
-"""``--noise predicted`` / ``rejected``: noised inputs refilled with the model's own shifted argmax (a Jacobi-like
-draft); ``rejected`` takes two passes and never leaves a noised input equal to its clean token."""
+"""``--noise predicted``: noised inputs refilled with the model's own shifted argmax (a Jacobi-like draft)."""
 
 from __future__ import annotations
 
@@ -35,19 +34,6 @@ def test_predicted_noise_puts_the_previous_positions_argmax_on_noised_positions_
     assert ids.tolist() == [[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]], "the input must not be modified"
 
 
-def test_predicted_noise_with_clean_ids_takes_the_runner_up_where_the_guess_is_the_clean_token():
-    ids = torch.tensor([[10, 11, 12, 13, 14]])
-    clean = torch.tensor([[10, 11, 52, 13, 14]])
-    mask = torch.tensor([[False, False, True, True, True]])
-    logits = torch.zeros(1, 5, 100)
-    for j, (best, second) in enumerate([(50, 70), (52, 71), (53, 72), (73, 83), (54, 74)]):
-        logits[0, j, best], logits[0, j, second] = 2.0, 1.0
-    # Guess at 1 is for 2: 52 == clean -> runner-up 71; guess at 2 (53) is for 3, whose clean token is 13: kept;
-    # guess at 3 (73) for 4: kept. Without clean ids the plain argmax goes in.
-    assert predicted_noise(ids, mask, logits, clean).tolist() == [[10, 11, 71, 53, 73]]
-    assert predicted_noise(ids, mask, logits).tolist() == [[10, 11, 52, 53, 73]]
-
-
 def test_collator_adds_the_noise_mask_for_predicted_only_and_places_noise_as_ahead_does():
     feats = samples()
     ahead = MSNCollator(noise=NoiseConfig("ahead", 3, 2), seed=7, vocab_size=TINY_VOCAB)
@@ -63,8 +49,6 @@ def test_collator_adds_the_noise_mask_for_predicted_only_and_places_noise_as_ahe
     assert torch.equal(a["input_ids"], want) and torch.equal(p["input_ids"], want)
     assert p["noise_mask"].dtype == torch.bool and torch.equal(p["noise_mask"], mask) and mask.any()
     assert torch.equal(p["labels"], a["labels"])
-    rej = MSNCollator(noise=NoiseConfig("rejected", 3, 2), seed=7, vocab_size=TINY_VOCAB)(feats)
-    assert torch.equal(rej["input_ids"], want) and torch.equal(rej["noise_mask"], mask)
     for kind in ("uniform", "none"):
         assert set(MSNCollator(noise=NoiseConfig(kind), vocab_size=TINY_VOCAB)(feats)) == set(a)
     # Clean samples (held-out loss): an all-False mask, so every batch has the same keys.
@@ -101,51 +85,18 @@ def test_trainer_loss_is_the_plain_loss_on_the_batch_refilled_by_hand(tmp_path):
     assert torch.equal(seen[1][1], want) and torch.equal(batch["labels"], labels)
 
 
-def test_rejected_trainer_refills_twice_from_its_own_guesses_and_never_with_the_clean_token(tmp_path):
-    from transformers import TrainingArguments
-
-    from msn.predicted_noise import RejectedNoiseTrainer
-
-    model = tiny_model("qwen2")
-    batch = MSNCollator(noise=NoiseConfig("rejected", 4, 2), seed=3, vocab_size=TINY_VOCAB)(samples())
-    mask, labels = batch["noise_mask"], batch["labels"]
-    clean = torch.where(mask, labels, batch["input_ids"])
-    want = batch["input_ids"].clone()
-    for _ in range(2):  # by hand: each pass guesses from the previous pass's inputs; runner-up where it is clean
-        with torch.no_grad():
-            top = model(input_ids=want, attention_mask=batch["attention_mask"]).logits.topk(2, dim=-1).indices
-        prev = want.clone()
-        for i, j in mask.nonzero().tolist():
-            first, second = top[i, j - 1].tolist()
-            want[i, j] = second if first == clean[i, j] else first
-        assert not torch.equal(prev, want)
-    assert not (want == clean)[mask].any(), "no noised input may equal its clean token"
-    with torch.no_grad():
-        expected = model(input_ids=want, attention_mask=batch["attention_mask"], labels=labels).loss
-
-    seen = []
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False)
-    with torch.no_grad():
-        loss = RejectedNoiseTrainer(model=model, args=args).compute_loss(model, dict(batch))
-    torch.testing.assert_close(loss, expected)
-    assert len(seen) == 3 and torch.equal(seen[2], want)
-
-
 def test_trainer_class_is_plain_for_every_other_noise_type():
     from transformers import Trainer
 
-    from msn.predicted_noise import PredictedNoiseTrainer, RejectedNoiseTrainer
+    from msn.predicted_noise import PredictedNoiseTrainer
     from msn.train import trainer_class
 
     for kind in ("ahead", "uniform", "none"):
         assert trainer_class(NoiseConfig(kind)) is Trainer
     assert trainer_class(NoiseConfig("predicted")) is PredictedNoiseTrainer
-    assert trainer_class(NoiseConfig("rejected")) is RejectedNoiseTrainer
 
 
-@pytest.mark.parametrize("kind", ["predicted", "rejected"])
-def test_msn_train_model_noise_runs_and_records_it(kind, tmp_path, tiny_dir, data_file, monkeypatch):
+def test_msn_train_noise_predicted_runs_and_records_it(tmp_path, tiny_dir, data_file, monkeypatch):
     from msn.predicted_noise import PredictedNoiseTrainer
     from msn.train import train
 
@@ -157,17 +108,16 @@ def test_msn_train_model_noise_runs_and_records_it(kind, tmp_path, tiny_dir, dat
         return loss(self, model, inputs, *a, **kw)
 
     monkeypatch.setattr(PredictedNoiseTrainer, "compute_loss", counting)
-    meta = train(fast(tiny_dir, data_file, tmp_path / "run", noise=kind, eval_steps=2, eval_samples=4))
+    meta = train(fast(tiny_dir, data_file, tmp_path / "run", noise="predicted", eval_steps=2, eval_samples=4))
     saved = json.loads((tmp_path / "run" / "msn.json").read_text())
-    assert saved["noise"]["type"] == kind and saved["steps"] == 2 == meta["steps"]
+    assert saved["noise"]["type"] == "predicted" and saved["steps"] == 2 == meta["steps"]
     assert calls and all(calls), "training and evaluation batches go through the refill"
     assert "eval_loss" in saved["metrics"] and torch.isfinite(torch.tensor(saved["metrics"]["train_loss"]))
 
 
-def test_train_help_lists_the_model_noises(capsys):
+def test_train_help_lists_predicted(capsys):
     from msn.cli import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    out = capsys.readouterr().out
-    assert "predicted" in out and "rejected" in out
+    assert "predicted" in capsys.readouterr().out

@@ -28,7 +28,7 @@ QUALITY_HE_PROBLEMS = 2  # ... and HumanEval at most 2 problems below plain SFT
 @dataclass(frozen=True)
 class Variant:
     name: str  # e.g. "msn-L4x8"
-    noise: str | None  # None: the base model, untrained; "none": plain SFT; "ahead": MSN; "predicted"/"rejected": msn.noise
+    noise: str | None  # None: the base model, untrained; "none": plain SFT; "ahead": MSN; "predicted": see msn.noise
     length: int = 4
     segments: int = 1
 
@@ -134,11 +134,9 @@ def budget(name: str) -> list[Group]:
         return [
             Group("general", "smollm2-135m", "sharegpt", [BASE, SFT, msn(4, 4)], general_train,
                   distill=general, **common),
-            # msn-L4x4-predicted / -rejected: issue 11 item 2, the model's own (Jacobi-like) guesses as noise, vs
-            # msn-L4x4 (rejected: two passes, never the clean token; docs/results.md section 14g).
+            # msn-L4x4-predicted: issue 11 item 2, the model's own (Jacobi-like) predictions as noise, vs msn-L4x4.
             Group("ablation", "smollm2-135m", "sharegpt",
-                  [SFT, msn(1, 4), msn(4, 4), msn(8, 4), msn(4), Variant("msn-L4x4-predicted", "predicted", 4, 4),
-                   Variant("msn-L4x4-rejected", "rejected", 4, 4)],
+                  [SFT, msn(1, 4), msn(4, 4), msn(8, 4), msn(4), Variant("msn-L4x4-predicted", "predicted", 4, 4)],
                   ablation_train, distill=general, ablation=True, ablation_segments=4, **common),
             # Qwen answers 2000 stdlib prompts in ~2 h (AMX Xeon, 2 threads, ~53 tok/s; answers average ~174 of
             # 192 tokens): ~1900 training samples of ~250 tokens. 120 steps of 8 = half an epoch = ~0.24M tokens

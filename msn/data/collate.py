@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from msn.data.chat import IGNORE
-from msn.noise import MODEL_NOISE, NoiseConfig, apply_noise, seeded_generator
+from msn.noise import NoiseConfig, apply_noise, seeded_generator
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -59,7 +59,7 @@ class MSNCollator:
 
     The noise of a batch is seeded from ``seed`` and the batch's own token ids, not from a running
     generator: dataloader workers, DDP ranks and a resumed run therefore all reproduce the same noise.
-    Noise types ``predicted`` and ``rejected`` add the ``noise_mask`` it placed (``[batch, seq]`` bool) for
+    Noise type ``predicted`` adds the ``noise_mask`` it placed (``[batch, seq]`` bool) for
     ``msn.predicted_noise.PredictedNoiseTrainer``, which refills those positions with the model's guesses.
     With HF ``Trainer``, set ``remove_unused_columns=False`` if samples carry extra mask keys.
     """
@@ -106,7 +106,7 @@ class MSNCollator:
             batch["input_ids"], mask = apply_noise(
                 batch["input_ids"], allowed, self.noise, g, self.vocab_size, batch["attention_mask"]
             )
-        if self.noise.type in MODEL_NOISE:
+        if self.noise.type == "predicted":
             batch["noise_mask"] = mask
         return batch
 
