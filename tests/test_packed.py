@@ -16,6 +16,7 @@ from msn.decoding.packed import packing, resolve_pack
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not packed_mod._ops_available(),
                                 reason="packing is for CPU models with oneDNN")
+BF16 = pytest.mark.skipif(not packed_mod.bf16_packable(), reason="this CPU has no oneDNN bf16 linear (AVX2 only)")
 PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 9, 10, 11, 5, 6]])
 
 
@@ -24,6 +25,7 @@ def decode(model, pack: bool, method: str = "tr-jacobi", tree="cpu-bf16-16", n: 
                         eos_token_id=[], pack=pack, state=DecoderState())
 
 
+@BF16
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 @pytest.mark.parametrize("method,tree", [("ar", None), ("tr-jacobi", "cpu-bf16-16"), ("tr-jacobi", "official-68")])
 def test_bf16_packed_decoding_is_bit_identical(family, method, tree):
@@ -33,7 +35,7 @@ def test_bf16_packed_decoding_is_bit_identical(family, method, tree):
     assert torch.equal(a.sequences, b.sequences) and a.accept_lengths == b.accept_lengths
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=BF16), torch.float32])
 def test_which_forwards_go_packed(dtype):
     """bf16: every forward, identical logits. fp32: one-token forwards stay the model's own (bit equal), tree
     forwards go packed (equal up to rounding)."""
@@ -108,6 +110,16 @@ def test_default_is_packed_on_cpu_but_never_when_compiled():
     assert not resolve_pack(tiny_model("llama", dtype=torch.float16), None, compile=False)
 
 
+def test_bf16_on_a_cpu_without_onednn_bf16_decodes_unpacked_quietly_and_fp32_still_packs(monkeypatch, caplog):
+    monkeypatch.setattr(packed_mod, "_BROKEN", [])
+    monkeypatch.setattr(packed_mod, "bf16_packable", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="msn"):
+        out = decode(tiny_model("llama", seed=5, dtype=torch.bfloat16), None)
+    assert not out.packed and "packing" not in caplog.text, "no failed attempt, no notice"
+    assert resolve_pack(tiny_model("llama"), None, compile=False), "fp32 models still pack"
+
+
+@BF16
 def test_bench_unpacked_suffix_runs_without_packing(monkeypatch):
     from fakes import ByteChatTokenizer
 

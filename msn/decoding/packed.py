@@ -15,6 +15,7 @@ layers' weight memory once more) and redone when a weight changes (training betw
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Iterator
@@ -40,14 +41,27 @@ def _ops_available() -> bool:
         return False
 
 
+@functools.cache
+def bf16_packable() -> bool:
+    """oneDNN's bf16 linear needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU (an AMD EPYC seen here)
+    the reorder fails. Asked up front, so such a CPU decodes bf16 unpacked without a failure, and the failure
+    does not switch packing off for fp32 models too (``_BROKEN`` is per process)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # an older torch without the probe: try, and fall back on failure as before
+
+
 def resolve_pack(model, pack: bool | None, compile: bool) -> bool:
     """``pack=None`` (the default): on for a bf16/fp32 model on a CPU decoded eagerly, where the kernels
     exist. The compiled path packs its own weights (inductor's freezing); a GPU does not need it."""
     if compile or pack is False or _BROKEN:
         return False
-    usable = model.device.type == "cpu" and model.dtype in DTYPES and _ops_available()
+    usable = model.device.type == "cpu" and model.dtype in DTYPES and _ops_available() and (
+        model.dtype != torch.bfloat16 or bf16_packable())
     if pack and not usable:
-        logger.warning("msn: pack=True needs a bf16/fp32 model on a CPU with oneDNN; decoding unpacked")
+        logger.warning("msn: pack=True needs a bf16/fp32 model on a CPU with oneDNN (bf16: AVX512 or AVX-NE-CONVERT); "
+                       "decoding unpacked")
     return usable
 
 
