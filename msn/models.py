@@ -256,15 +256,17 @@ def load_model(
     """Load ``(model, tokenizer)`` from a preset, a local folder (also a LoRA adapter folder) or a hub id."""
     torch_dtype = parse_dtype(dtype)
     check_device(device)
-    if torch_dtype == torch.bfloat16 and str(device).startswith("cpu") and cpu_has_native_bf16() is False:
-        warn_emulated_bf16()
     path = resolve_model(name_or_path)
     try:
-        return _load(path, torch_dtype, device, attn_implementation)
+        loaded = _load(path, torch_dtype, device, attn_implementation)
     except OSError as e:  # transformers' "can't load / couldn't connect", a missing weights file, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "" if os.path.isdir(path) else " (hub ids need network access: use a preset or a local folder)"
         raise MsnError(f"{path}: cannot load the model: {first}{hint}") from None
+    # After the load, not before: a model that fails to load gets its one error line and no notice beside it.
+    if torch_dtype == torch.bfloat16 and str(device).startswith("cpu") and cpu_has_native_bf16() is False:
+        warn_emulated_bf16()
+    return loaded
 
 
 def _load(path: str, torch_dtype: torch.dtype, device, attn_implementation: str):
