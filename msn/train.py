@@ -1,5 +1,6 @@
 """``msn train``: ordinary SFT on HF ``Trainer`` with MSN noise in the data collator (``--noise predicted``
-also refills the noise with the model's own guesses in the loss: ``msn.predicted_noise``).
+also refills the noise with the model's own guesses in the loss: ``msn.predicted_noise``; ``--noise-loss-weight``
+counts the predictions made at noised inputs more: ``msn.noise_loss``).
 
 Everything distributed (DDP through ``torchrun`` / ``accelerate launch``, FSDP / DeepSpeed via their
 configs), checkpointing and resuming is Trainer's own; this module only wires the data, the collator, the
@@ -45,8 +46,8 @@ TMP_FINAL = ".msn-final-tmp"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # Settings a resumed run must share with the run it continues; the others only say how long it runs and
 # how often it logs / evaluates / saves.
-RESUME_FIXED = ("model", "data", "noise", "noise_length", "noise_segments", "noise_prob", "lora", "lora_r",
-                "bf16", "batch_size", "grad_accum", "lr", "warmup_steps", "max_length", "max_samples",
+RESUME_FIXED = ("model", "data", "noise", "noise_length", "noise_segments", "noise_prob", "noise_loss_weight",
+                "lora", "lora_r", "bf16", "batch_size", "grad_accum", "lr", "warmup_steps", "max_length", "max_samples",
                 "eval_samples", "seed")
 # What ``save_pretrained`` / ``save_model`` write: a final model from before msn.json listed its files.
 MODEL_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
@@ -67,6 +68,7 @@ class TrainConfig:
     noise_length: int = 4
     noise_segments: int = 1
     noise_prob: float = 1.0
+    noise_loss_weight: float = 1.0
     lora: bool = False
     lora_r: int = 16
     max_steps: int = -1
@@ -277,6 +279,13 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--max-steps must be positive (or -1 for --epochs), got {cfg.max_steps}", field="max_steps")
     if cfg.max_samples is not None and cfg.max_samples <= 0:
         raise InputError(f"--max-samples must be positive, got {cfg.max_samples}", field="max_samples")
+    if not (math.isfinite(cfg.noise_loss_weight) and cfg.noise_loss_weight > 0):
+        raise InputError("--noise-loss-weight must be a positive number (1 = the paper's loss), got "
+                         f"{cfg.noise_loss_weight}", field="noise_loss_weight")
+    if cfg.noise_loss_weight != 1.0 and not cfg.noise_config().enabled:
+        raise InputError(f"--noise-loss-weight {cfg.noise_loss_weight} weights noised positions, but --noise "
+                         f"{cfg.noise} (prob {cfg.noise_prob}) places none; drop the flag or choose a noise",
+                         field="noise_loss_weight")
     if cfg.noise_length >= cfg.max_length:
         raise InputError(f"--noise-length {cfg.noise_length} does not fit in --max-length {cfg.max_length} tokens; "
                          "use a noise length below the max length", field="noise_length")
@@ -372,6 +381,7 @@ def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: No
             "dropped": train_set.dropped,
         },
         "noise": noise.to_dict(),
+        "noise_loss_weight": cfg.noise_loss_weight,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "tokens_seen": round((trainer.state.epoch or 0) * train_set.num_tokens()),  # what "a 1M-token run" counts
@@ -386,15 +396,23 @@ def final_metadata(cfg: TrainConfig, model_path: str, train_set, held, noise: No
     }
 
 
-def trainer_class(noise: NoiseConfig) -> type:
-    """Plain HF ``Trainer``; ``PredictedNoiseTrainer`` for ``--noise predicted``, whose noise needs the model."""
+def trainer_class(noise: NoiseConfig, noise_loss_weight: float = 1.0) -> type:
+    """Plain HF ``Trainer``, plus what the noise needs: ``PredictedNoiseTrainer`` for ``--noise predicted`` (its
+    noise needs the model), ``NoiseWeightedLossTrainer`` for ``--noise-loss-weight`` (its loss needs the mask)."""
+    from transformers import Trainer
+
+    bases: list[type] = []
     if noise.type == "predicted":
         from msn.predicted_noise import PredictedNoiseTrainer
 
-        return PredictedNoiseTrainer
-    from transformers import Trainer
+        bases.append(PredictedNoiseTrainer)
+    if noise_loss_weight != 1.0:
+        from msn.noise_loss import NoiseWeightedLossTrainer
 
-    return Trainer
+        bases.append(NoiseWeightedLossTrainer)
+    if len(bases) > 1:  # refill the noise first, then the weighted loss
+        return type("MSNTrainer", tuple(bases), {})
+    return bases[0] if bases else Trainer
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
@@ -441,12 +459,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     all_callbacks = list(callbacks or [])
     if evaluate:
         all_callbacks.append(_denoise_callback(held.samples, cfg.noise_length, cfg.seed, cfg.batch_size))
-    trainer = trainer_class(noise)(
+    trainer = trainer_class(noise, cfg.noise_loss_weight)(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=held.clean() if evaluate else None,
-        data_collator=MSNCollator(tokenizer, noise, seed=cfg.seed),
+        data_collator=MSNCollator(tokenizer, noise, seed=cfg.seed, noise_loss_weight=cfg.noise_loss_weight),
         processing_class=tokenizer,
         callbacks=all_callbacks,
     )
@@ -507,6 +525,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-segments", type=int, default=d.noise_segments, help="segments per sample (default 1, the paper's; 8 learns denoising "
                    "faster on short runs at ~3%% held-out loss: docs/results.md section 8)")
     p.add_argument("--noise-prob", type=float, default=d.noise_prob, help="chance a sample is noised (default 1)")
+    p.add_argument("--noise-loss-weight", type=float, default=d.noise_loss_weight, help="weight of the loss at "
+                   "targets predicted from a noised input (default 1, the paper's plain mean; >1 trains denoising harder)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (all linear layers) instead of all weights")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (overrides --epochs)")

@@ -253,23 +253,33 @@ def test_issue11_targets_are_judged_from_paired_results():
 
 @pytest.mark.parametrize("group", ["ablation", "code"])
 def test_predicted_noise_is_kept_only_if_it_beats_ahead_paired(group):
-    """Both distilled groups that train ``--noise predicted`` judge it against ahead noise at the same L x segments."""
+    """Both distilled groups that train ``--noise predicted`` judge it against ahead noise at the same L x segments:
+    Jacobi-drafted tokens and tr-jacobi speed must both rise, each paired per question with an interval above 0."""
     load_driver()
     rep = sys.modules["report"]
+    by_jacobi = sys.modules["budgets"].BY_JACOBI
     g = next(g for g in sys.modules["budgets"].budget("distill") if g.name == group)
 
-    def entry(by_jacobi, tps):
-        return {"speed": {"overall": {"tr-jacobi": {"jacobi_per_step": by_jacobi}},
-                          "per_question_tps": {"tr-jacobi": tps}}}
+    def entry(jac, tps):
+        mean = sum(jac.values()) / len(jac)
+        return {"speed": {"overall": {"tr-jacobi": {"jacobi_per_step": mean}},
+                          "per_question_mat": {by_jacobi: jac}, "per_question_tps": {"tr-jacobi": tps}}}
 
-    base = {str(i): 20.0 + i for i in range(10)}
+    def shifted(d, up):  # every question up by ``up``; a list alternates the sign: noise, no shift
+        return {k: v + (up if not isinstance(up, list) else up[int(k) % 2]) for k, v in d.items()}
+
+    tps = {str(i): 20.0 + i for i in range(10)}
+    jac = {str(i): 0.155 + 0.01 * i for i in range(10)}
     ahead, pred = f"{group}-msn-L4x4", f"{group}-msn-L4x4-predicted"
-    variants = {ahead: entry(0.20, base), pred: entry(0.30, {k: v + 2.0 for k, v in base.items()})}
+    variants = {ahead: entry(jac, tps), pred: entry(shifted(jac, 0.1), shifted(tps, 2.0))}
     rows = rep.predicted_vs_ahead(g, variants)
     assert len(rows) == 1 and rows[0]["variant"] == f"{pred} vs {ahead}"
-    assert rows[0]["holds"] == "yes" and "0.300 vs 0.200" in rows[0]["ours"]
-    variants[pred] = entry(0.30, {k: v + (1.0 if int(k) % 2 else -1.0) for k, v in base.items()})
+    assert rows[0]["holds"] == "yes" and "0.300 vs 0.200 (paired +0.100" in rows[0]["ours"]
+    variants[pred] = entry(shifted(jac, 0.1), shifted(tps, [1.0, -1.0]))
     assert rep.predicted_vs_ahead(g, variants)[0]["holds"] == "no"  # more Jacobi tokens, no faster
+    variants[pred] = entry(shifted(jac, [0.02, -0.01]), shifted(tps, 2.0))
+    row = rep.predicted_vs_ahead(g, variants)[0]  # faster, but not through Jacobi drafts (section 14g)
+    assert row["holds"] == "no" and "0.205 vs 0.200" in row["ours"]
     assert rep.predicted_vs_ahead(g, {**variants, ahead: {}})[0]["holds"] == "n/a"
 
 

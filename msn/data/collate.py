@@ -61,6 +61,8 @@ class MSNCollator:
     generator: dataloader workers, DDP ranks and a resumed run therefore all reproduce the same noise.
     Noise type ``predicted`` adds the ``noise_mask`` it placed (``[batch, seq]`` bool) for
     ``msn.predicted_noise.PredictedNoiseTrainer``, which refills those positions with the model's guesses.
+    A ``noise_loss_weight`` other than 1 adds ``loss_weight`` (that weight at every noised input, 1 elsewhere)
+    for ``msn.noise_loss.NoiseWeightedLossTrainer``.
     With HF ``Trainer``, set ``remove_unused_columns=False`` if samples carry extra mask keys.
     """
 
@@ -72,8 +74,10 @@ class MSNCollator:
         pad_token_id: int | None = None,
         vocab_size: int | None = None,
         pad_to_multiple_of: int | None = None,
+        noise_loss_weight: float = 1.0,
     ):
         self.noise = noise or NoiseConfig()
+        self.noise_loss_weight = float(noise_loss_weight)
         self.seed = int(seed)
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -108,6 +112,8 @@ class MSNCollator:
             )
         if self.noise.type == "predicted":
             batch["noise_mask"] = mask
+        if self.noise_loss_weight != 1.0:
+            batch["loss_weight"] = torch.where(mask, self.noise_loss_weight, 1.0).to(torch.float32)
         return batch
 
 
