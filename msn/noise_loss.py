@@ -34,7 +34,7 @@ def weighted_lm_loss(
     w = weights[:, :-1].to(logits.device)
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
                          reduction="none").view_as(labels)
-    total = (ce * w * (labels != IGNORE)).sum()
+    total = (ce * w).sum()  # ignored targets have ce 0
     n = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum()
     if isinstance(n, torch.Tensor):
         n = n.to(total.device)

@@ -65,6 +65,21 @@ class Crash(Exception):
     """Raised from a callback to kill a training run mid-way."""
 
 
+def prompt_response_samples(n: int = 6, seed: int = 0) -> list[dict]:
+    """Random prompt of 5 ids, response of 8..15 ids (the targets): training samples for the noise tests."""
+    import torch
+    from conftest import TINY_VOCAB
+
+    from msn.data import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, TINY_VOCAB, (5 + 8 + i,), generator=g)
+        out.append({"input_ids": ids, "labels": torch.cat([torch.full((5,), IGNORE), ids[5:]])})
+    return out
+
+
 def fast(tiny_dir, data_file, out, **kw):
     """A ``TrainConfig`` for a run of a few seconds on the tiny model folder."""
     from msn.train import TrainConfig

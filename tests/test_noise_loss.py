@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VOCAB, tiny_model
 from helpers import fast
-from test_predicted_noise import samples
+from helpers import prompt_response_samples as samples
 
 from msn.data import IGNORE, MSNCollator
 from msn.errors import InputError

@@ -8,19 +8,10 @@ import pytest
 import torch
 from conftest import TINY_VOCAB, tiny_model
 from helpers import fast
+from helpers import prompt_response_samples as samples
 
-from msn.data import IGNORE, MSNCollator
+from msn.data import MSNCollator
 from msn.noise import NoiseConfig, apply_noise, predicted_noise, seeded_generator
-
-
-def samples(n: int = 6, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Random prompt of 5 ids, response of 8..15 ids (the targets)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(3, TINY_VOCAB, (5 + 8 + i,), generator=g)
-        out.append({"input_ids": ids, "labels": torch.cat([torch.full((5,), IGNORE), ids[5:]])})
-    return out
 
 
 def test_predicted_noise_puts_the_previous_positions_argmax_on_noised_positions_only():
