@@ -7,6 +7,7 @@ reuse it, so every later load is an ordinary ``from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from msn.errors import InputError, MsnError
 
@@ -253,16 +255,13 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ):
-    """Load ``(model, tokenizer)`` from a preset, a local folder (also a LoRA adapter folder) or a hub id."""
+    """Load ``(model, tokenizer)`` from a preset, a local folder (also a LoRA adapter folder) or a hub id.
+
+    A folder that cannot be loaded (no tokenizer, a corrupt weights file, ...) raises ``MsnError``: one line."""
     torch_dtype = parse_dtype(dtype)
     check_device(device)
     path = resolve_model(name_or_path)
-    try:
-        loaded = _load(path, torch_dtype, device, attn_implementation)
-    except OSError as e:  # transformers' "can't load / couldn't connect", a missing weights file, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if os.path.isdir(path) else " (hub ids need network access: use a preset or a local folder)"
-        raise MsnError(f"{path}: cannot load the model: {first}{hint}") from None
+    loaded = _load(path, torch_dtype, device, attn_implementation)
     # After the load, not before: a model that fails to load gets its one error line and no notice beside it.
     if torch_dtype == torch.bfloat16 and str(device).startswith("cpu") and cpu_has_native_bf16() is False:
         warn_emulated_bf16()
@@ -270,20 +269,108 @@ def load_model(
 
 
 def _load(path: str, torch_dtype: torch.dtype, device, attn_implementation: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    adapter_cfg = Path(path) / "adapter_config.json"
-    if adapter_cfg.is_file():
+    if (Path(path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation=attn_implementation
-        ).merge_and_unload()
-        tok_path = path if (Path(path) / "tokenizer_config.json").is_file() else model.config._name_or_path
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                             attn_implementation=attn_implementation)
+        except _LOAD_ERRORS as e:
+            raise _weights_error(path, e) from None
+        model = model.merge_and_unload()
+        tokenizer = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file()
+                                   else model.config._name_or_path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
-        tok_path = path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        # A local folder's tokenizer first: weights saved without it fail before the (slower) weights load.
+        tokenizer = load_tokenizer(path) if os.path.isdir(path) else None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                         attn_implementation=attn_implementation)
+        except _LOAD_ERRORS as e:
+            raise _weights_error(path, e) from None
+        if tokenizer is None:
+            tokenizer = load_tokenizer(path)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+# What ``from_pretrained`` raises for files it cannot use: transformers' OSError ("can't load", a missing
+# weights file, no network) and ValueError (an unknown architecture, ...), safetensors' error for a corrupt file.
+_LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+# Files that hold a tokenizer's vocabulary; a folder with none of them has no tokenizer.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.json", "config.json")
+_SAVE_HINT = "save it beside the weights with tokenizer.save_pretrained(...)"
+
+
+def _reason(e: BaseException) -> str:
+    """The exception's whole message on one line (transformers' first line alone can stop mid-sentence)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _weights_error(path: str, e: Exception) -> MsnError:
+    if isinstance(e, SafetensorError):
+        broken = _broken_safetensors(path)
+        where = broken[0] if broken else f"{path} (a .safetensors file)"
+        return MsnError(f"{where}: the weights file is corrupt or incomplete ({_reason(e)}); re-copy or re-save it")
+    hint = "" if os.path.isdir(path) else " (hub ids need network access: use a preset or a local folder)"
+    return MsnError(f"{path}: cannot load the model: {_reason(e)}{hint}")
+
+
+def _broken_safetensors(path: str) -> list[str]:
+    """The ``.safetensors`` files of ``path`` (and of an adapter's local base model) whose header does not read."""
+    from safetensors import safe_open
+
+    folders = [Path(path)]
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base and os.path.isdir(base):
+            folders.append(Path(base))
+    broken = []
+    for f in (f for folder in folders for f in sorted(folder.glob("*.safetensors"))):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:  # any failure to read the header is what we are looking for
+            broken.append(str(f))
+    return broken
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained``, with a folder that has no (or a broken) tokenizer reported as one line:
+    weights saved without their tokenizer are common, and transformers' own message then advises installing
+    sentencepiece."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        # OSError / ValueError / KeyError from transformers, a bare Exception from the tokenizers extension.
+        if not isinstance(e, OSError | ValueError | KeyError) and type(e) is not Exception:
+            raise
+        raise _tokenizer_error(path, e) from None
+
+
+def _tokenizer_error(path: str, e: Exception) -> MsnError:
+    folder = Path(path)
+    if not folder.is_dir():
+        return MsnError(f"{path}: cannot load the tokenizer: {_reason(e)} (hub ids need network access: use a "
+                        "preset or a local folder)")
+    if not any((folder / f).is_file() for f in _VOCAB_FILES):
+        missing = " / ".join(f for f in ("tokenizer.json", "tokenizer_config.json") if not (folder / f).is_file())
+        return MsnError(f"{path}: no tokenizer in this folder ({missing} missing); {_SAVE_HINT}")
+    for name in _TOKENIZER_JSON:
+        try:
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as bad:
+            fix = ("re-copy or re-save the model" if name == "config.json"
+                   else "re-save the tokenizer with tokenizer.save_pretrained(...)")
+            return MsnError(f"{folder / name}: not valid JSON ({_reason(bad)}); {fix}")
+    return MsnError(f"{path}: cannot load the tokenizer: {_reason(e)}")

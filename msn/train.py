@@ -7,7 +7,8 @@ configs), checkpointing and resuming is Trainer's own; this module only wires th
 denoising-accuracy callback and an output folder that is never left half-written:
 
 - bad input is detected before anything is written;
-- a folder holding another run is refused unless ``--resume`` or ``--overwrite``;
+- a folder holding another run is refused unless ``--resume`` or ``--overwrite``; a folder with checkpoints
+  but no ``msn-run.json`` / ``msn.json`` (a plain Trainer run) is not ours and refused even with them;
 - ``--resume`` restarts from the last *complete* checkpoint (Trainer writes ``trainer_state.json`` last),
   and refuses a setting that differs from the one recorded in ``msn-run.json`` (only the length of the
   run -- ``--max-steps`` / ``--epochs`` -- and how often it logs, evaluates and saves may change);
@@ -37,7 +38,7 @@ from typing import Any
 
 from msn.data import MSNCollator, split_dataset
 from msn.errors import InputError, MsnError
-from msn.models import DEFAULT_MODEL, load_model, resolve_model
+from msn.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from msn.noise import NoiseConfig
 
 RUN_FILE = "msn-run.json"  # written when a run starts: marks the folder as ours
@@ -117,8 +118,14 @@ def check_output_dir(output: str | os.PathLike, resume: bool, overwrite: bool) -
         raise InputError("output path exists and is not a folder", where=str(p), field="output")
     if not p.is_dir() or not any(p.iterdir()):
         return
-    is_run = (p / RUN_FILE).is_file() or (p / FINAL_FILE).is_file() or any(_CKPT.match(d.name) for d in p.iterdir())
+    # Only msn's own markers make a run: a plain Trainer folder has checkpoint-N folders too, and --overwrite
+    # deletes checkpoints, --resume continues from them.
+    is_run = (p / RUN_FILE).is_file() or (p / FINAL_FILE).is_file()
     if not is_run:
+        foreign = sorted(d.name for d in p.iterdir() if _CKPT.match(d.name))
+        if foreign:
+            raise InputError(f"output folder holds checkpoints msn did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); choose another --output", str(p), "output")
         raise InputError("output folder is not empty and holds no msn run; choose an empty or new folder", str(p), "output")
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other", str(p), "output")
@@ -254,9 +261,7 @@ def _denoise_callback(samples, noise_length: int, seed: int, batch_size: int):
 
 def _load_tokenizer(model_path: str):
     """The tokenizer alone, so data errors surface before the (slower) model load."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -279,6 +284,8 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--max-steps must be positive (or -1 for --epochs), got {cfg.max_steps}", field="max_steps")
     if cfg.max_samples is not None and cfg.max_samples <= 0:
         raise InputError(f"--max-samples must be positive, got {cfg.max_samples}", field="max_samples")
+    if not 0 <= cfg.seed <= 2**32 - 1:  # transformers' set_seed refuses others, after the run folder is written
+        raise InputError(f"--seed must be between 0 and {2**32 - 1}, got {cfg.seed}", field="seed")
     if not (math.isfinite(cfg.noise_loss_weight) and cfg.noise_loss_weight > 0):
         raise InputError("--noise-loss-weight must be a positive number (1 = the paper's loss), got "
                          f"{cfg.noise_loss_weight}", field="noise_loss_weight")
@@ -427,15 +434,14 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     check_writable(output, "--output")
     model_path = resolve_model(cfg.model)
-    try:
-        tokenizer = _load_tokenizer(model_path)
-        limit = cfg.max_samples
-        if limit is None and cfg.max_steps > 0:  # stream only what the steps will consume
-            limit = cfg.max_steps * cfg.batch_size * cfg.grad_accum * _world_size()
-        train_set, held = split_dataset(cfg.data, tokenizer, cfg.max_length, limit, cfg.eval_samples)
-        model, _ = load_model(model_path, dtype="fp32", device="cpu")
-    except OSError as e:  # e.g. a folder without weights or tokenizer
-        raise InputError(str(e).splitlines()[0], where=cfg.model, field="model") from None
+    # The loaders name a model folder they cannot use themselves (MsnError); an OSError of the data reading
+    # names its own file, so nothing here is blamed on --model.
+    tokenizer = _load_tokenizer(model_path)
+    limit = cfg.max_samples
+    if limit is None and cfg.max_steps > 0:  # stream only what the steps will consume
+        limit = cfg.max_steps * cfg.batch_size * cfg.grad_accum * _world_size()
+    train_set, held = split_dataset(cfg.data, tokenizer, cfg.max_length, limit, cfg.eval_samples)
+    model, _ = load_model(model_path, dtype="fp32", device="cpu")
     evaluate = cfg.eval_steps > 0 and held is not None
     if cfg.lora:
         model = _wrap_lora(model, cfg.lora_r)

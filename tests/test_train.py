@@ -200,7 +200,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, tiny_dir, d
     busy = tmp_path / "busy"
     (busy / "checkpoint-5").mkdir(parents=True)
     rc, err = run_cli(["train", "--model", str(tiny_dir), "--data", str(data_file), "--output", str(busy)], capsys)
-    assert rc == 2 and "holds another run; pass --resume" in err
+    assert rc == 2 and "holds checkpoints msn did not write (checkpoint-5); choose another --output" in err
     assert sorted(p.name for p in busy.iterdir()) == ["checkpoint-5"]
     other = tmp_path / "other"
     other.mkdir()

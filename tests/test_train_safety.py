@@ -6,10 +6,10 @@ import errno
 import json
 
 import pytest
-from helpers import Crash, fast
+from helpers import Crash, fast, write_jsonl
 
 from msn.errors import InputError, MsnError
-from msn.train import RUN_FILE, last_checkpoint, train
+from msn.train import RUN_FILE, last_checkpoint, train, validate
 
 
 def crash_at(step):
@@ -82,6 +82,8 @@ def test_resume_refuses_changed_settings_and_reports_the_whole_run_loss(tmp_path
     (dict(epochs=0.0, max_steps=-1), "--epochs must be a positive number"),
     (dict(warmup_steps=-5), "--warmup-steps must be >= 0"),
     (dict(max_steps=0), "--max-steps must be positive"),
+    (dict(seed=-1), "--seed must be between 0 and 4294967295, got -1"),  # set_seed refused it after writing
+    (dict(seed=2**32), "--seed must be between 0 and 4294967295, got 4294967296"),
 ])
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, tiny_dir, data_file, changed, message):
     out = tmp_path / "run"
@@ -113,3 +115,39 @@ def test_disk_full_during_final_save_keeps_checkpoints_and_resumes(tmp_path, tin
     monkeypatch.setattr(Trainer, "save_model", real)
     meta = train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=2, resume=True))
     assert meta["steps"] == 2 and (out / "msn.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_the_largest_seed_is_accepted(tiny_dir, data_file, tmp_path):
+    validate(fast(tiny_dir, data_file, tmp_path / "run", seed=2**32 - 1))
+
+
+def test_a_folder_with_checkpoints_msn_did_not_write_is_never_cleared_or_resumed(tmp_path, tiny_dir, data_file):
+    out = tmp_path / "hf-trainer-run"  # a plain HF Trainer output: checkpoints, no msn-run.json / msn.json
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "checkpoint-500" / "model.safetensors").write_text("my weights")
+    (out / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 500}')
+    (out / "README.md").write_text("notes")
+    before = snapshot(out)
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(InputError, match=r"holds checkpoints msn did not write \(checkpoint-500\); choose "
+                                             "another --output") as e:
+            train(fast(tiny_dir, data_file, out, **flags))
+        assert "--overwrite" not in str(e.value) and "--resume" not in str(e.value), flags
+        assert snapshot(out) == before, flags
+
+
+def test_an_empty_data_file_says_so_and_only_length_drops_blame_max_length(tmp_path, tiny_dir, data_file):
+    out = tmp_path / "run"
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        empty = tmp_path / name
+        empty.write_text(text)
+        with pytest.raises(InputError, match=f"^{empty}: no usable samples: the data file is empty") as e:
+            train(fast(tiny_dir, empty, out))
+        assert "max_length" not in str(e.value) and not out.exists()
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 200, "response": "y"}] * 3)
+    with pytest.raises(InputError, match="all 3 records have no assistant token within max_length=64; raise "
+                                         "--max-length"):
+        train(fast(tiny_dir, long, out))
+    assert not out.exists()
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Count from 1.", "response": "1 2 3"}])
+    assert train(fast(tiny_dir, one, out, max_steps=1))["data"]["train_samples"] == 1  # a tiny file still trains

@@ -98,10 +98,11 @@ def build_dataset(
 
     Raises ``InputError`` when nothing is left (every record filtered out, or an empty file).
     """
-    samples, sources, dropped = [], [], 0
+    samples, sources, dropped, too_long, seen = [], [], 0, 0, 0
     for rec in iter_records(spec, split):
         if limit is not None and len(samples) >= limit:
             break
+        seen += 1
         try:
             sample = tokenize_messages(tokenizer, rec.messages, max_length, rec.where)
         except InputError:
@@ -116,16 +117,29 @@ def build_dataset(
             raise InputError(f"chat template failed: {e}", where=rec.where, field="messages") from None
         if sample is None:
             dropped += 1
+            too_long += 1
             continue
         samples.append(sample)
         sources.append(rec.where)
     if not samples:
-        raise InputError(
-            f"no usable samples in the {split} split after filtering ({dropped} dropped: no assistant token "
-            f"within max_length={max_length})",
-            where=str(spec),
-        )
+        raise InputError(_no_samples(spec, split, seen, too_long, max_length), where=str(spec))
     return TokenizedDataset(samples, str(spec), True, dropped, sources)
+
+
+def _no_samples(spec, split: str, seen: int, too_long: int, max_length: int | None) -> str:
+    """Why ``spec`` gave no sample: an empty file, a split no record falls in, or records cut to no target --
+    only the last is about ``max_length``."""
+    if seen == 0 and (split == "all" or next(iter(iter_records(spec, "all")), None) is None):
+        return "no usable samples: the data file is empty (no records); add one JSON record per line"
+    if seen == 0:
+        return (f"no usable samples: none of its records falls in the {split} split (chosen by a hash of each "
+                "record); give more records")
+    within = f"within max_length={max_length}" if max_length is not None else "to train on"
+    if too_long == seen:
+        fix = "; raise --max-length or shorten the prompts" if max_length is not None else ""
+        return f"no usable samples in the {split} split: all {seen} records have no assistant token {within}{fix}"
+    return (f"no usable samples in the {split} split: {seen - too_long} of {seen} records were unusable, the "
+            f"other {too_long} have no assistant token {within}")
 
 
 def split_dataset(
