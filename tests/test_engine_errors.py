@@ -145,7 +145,7 @@ def test_errors_are_single_clear_lines(guarded):
         ({"max_new_tokens": 5.0}, "integer"),
         ({"max_new_tokens": True}, "integer"),
         ({"attention_mask": torch.tensor([[0, 1, 1]])}, "padding"),
-        ({"attention_mask": torch.tensor([[1, 1]])}, "padding"),  # wrong shape
+        ({"attention_mask": torch.tensor([[1, 1]])}, r"attention_mask has shape \(1, 2\) but input_ids has \(1, 3\)"),
     ],
 )
 def test_unknown_or_unsupported_keywords_raise(guarded, kwargs, match):

@@ -25,6 +25,7 @@ from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, PromptLogi
 from msn.decoding.static_kv import make_kv, resolve_compile
 from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
 from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
+from msn.errors import MsnError
 
 __all__ = ["METHODS", "GenerateOutput", "generate"]
 
@@ -96,7 +97,7 @@ def decoder_state(model) -> DecoderState:
 @torch.inference_mode()
 def generate(model, input_ids=None, max_new_tokens: int | None = None, method: str = "tr-jacobi",
              tree: Tree | str | None = None, eos_token_id: int | list[int] | None = None, streamer=None,
-             seed: int = 0, generation_config=None, attention_mask=None, state: DecoderState | None = None,
+             seed: int = 0, generation_config=None, *, state: DecoderState | None = None,
              compile: bool | None = None, pack: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:
     """Generation with TR-Jacobi (or ``ar`` / ``jacobi`` / ``retrieval`` / ``recycling``) decoding: greedy, or
     sampled with ``do_sample=True`` (``temperature``, ``top_k``, ``top_p``, ``min_p``; exact, and for a given
@@ -112,8 +113,14 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     verify with the Linear weights packed once for oneDNN (:mod:`msn.decoding.packed`; trees cost less, bf16
     results bit-identical); ``None`` (default): on for bf16/fp32 CPU models decoded eagerly.
     """
+    # attention_mask (all 1s, or None) is read from kwargs: as a named parameter, transformers would hand it
+    # over twice through custom_generate (its own, prepared one comes with the model inputs).
+    attention_mask = kwargs.pop("attention_mask", None)
+    if state is not None and not isinstance(state, DecoderState):
+        raise MsnError(f"state must be a msn.decoding.engine.DecoderState (or None: the model's shared one), got "
+                       f"{type(state).__name__}")
     req = parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
-                        attention_mask, kwargs, seed)
+                        attention_mask, kwargs, seed, streamer=streamer, compile=compile, pack=pack)
     was_training = model.training
     if was_training:
         model.eval()  # dropout on would decode a different (degenerate) text

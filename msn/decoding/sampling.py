@@ -17,6 +17,7 @@ text for every method and every tree, ``ar`` included -- which is also how the t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,12 @@ from msn.errors import MsnError
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, position) over the generator's seed space
+
+
+def check_seed(seed) -> None:
+    """torch's generators take 64-bit seeds; anything else would fail deep inside torch."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - 1:
+        raise MsnError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -40,15 +47,18 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, int | float) and self.temperature > 0):
-            raise MsnError(f"temperature must be > 0 for sampling, got {self.temperature!r} (use do_sample=False "
-                           "for greedy decoding)")
+        check_seed(self.seed)
+        # bool is an int (True would pass as 1); inf would sample uniformly, NaN from nothing.
+        t = self.temperature
+        if isinstance(t, bool) or not (isinstance(t, int | float) and math.isfinite(t) and t > 0):
+            raise MsnError(f"temperature must be > 0 and finite for sampling, got {t!r} (use do_sample=False for "
+                           "greedy decoding)")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 0):
             raise MsnError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         for key in ("top_p", "min_p"):
             v = getattr(self, key)
-            if v is not None and not (isinstance(v, int | float) and 0.0 <= v <= 1.0):
+            if v is not None and (isinstance(v, bool) or not (isinstance(v, int | float) and 0.0 <= v <= 1.0)):
                 raise MsnError(f"{key} must be in [0, 1], got {v!r}")
 
     def warpers(self) -> list:

@@ -12,6 +12,7 @@ preset name; files are for the server's ``--tree`` only).
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -135,7 +136,7 @@ def parse_body(body: Any, chat: bool, methods: tuple[str, ...], trees: tuple[str
     if body.get("min_p") is not None:
         req.min_p = _number(body, "min_p", 0.0, 1.0)
     if body.get("seed") is not None:
-        req.seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+        req.seed = _integer(body, "seed", 0, 2**64 - 1)  # what msn.generate takes (torch.Generator)
     req.stop = _stops(body.get("stop"))
     req.stream = _flag(body, "stream")
     options = body.get("stream_options")
@@ -177,8 +178,10 @@ def _integer(body: dict, key: str, lo: int, hi: int | None = None) -> int:
 
 def _number(body: dict, key: str, lo: float, hi: float) -> float:
     v = body[key]
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise bad(f"{key} must be a number, got {_type_name(v)}", key)
+    if isinstance(v, float) and not math.isfinite(v):  # JSON from Python's json.dumps may carry NaN / Infinity
+        raise bad(f"{key} must be a finite number, got {v}", key)
     if not lo <= v <= hi:
         raise bad(f"{key} must be between {lo:g} and {hi:g}, got {v}", key)
     return float(v)
