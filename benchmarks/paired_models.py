@@ -27,7 +27,7 @@ import torch
 
 from msn.bench import runner
 from msn.bench.questions import load_questions, select
-from msn.bench.session import answered
+from msn.bench.session import answered, check_answer_files
 from msn.bench.stats import (
     answer_choices,
     append_answers,
@@ -40,7 +40,7 @@ from msn.bench.stats import (
 )
 from msn.decoding.engine import DecoderState
 from msn.decoding.sources import SOURCES
-from msn.errors import InputError
+from msn.errors import InputError, MsnError
 from msn.models import load_model
 from msn.outputs import check_output_dir
 from msn.prompting import eos_ids
@@ -174,14 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = labels(args.models)
+    files = {(n, m): out / "answers" / n / f"{m}.jsonl" for n in names for m in methods}
+    try:  # a rerun into the same --out resumes only if its answers are to these very questions
+        check_answer_files(list(files.values()), questions)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         loaded = [load_model(m, dtype=args.dtype, device="cpu") for m in args.models]
-    except (OSError, ValueError, InputError) as e:
+    except (OSError, ValueError, MsnError) as e:
         print(f"error: cannot load a model: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     eos = {n: eos_ids(model, tok) for (model, tok), n in zip(loaded, names, strict=True)}
     states = {(n, m): DecoderState() for n in names for m in methods}
-    files = {(n, m): out / "answers" / n / f"{m}.jsonl" for n in names for m in methods}
     for f in files.values():
         f.parent.mkdir(parents=True, exist_ok=True)
     done = set.intersection(*(answered(f) for f in files.values()))

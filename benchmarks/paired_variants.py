@@ -31,7 +31,7 @@ import torch
 
 from msn.bench import runner
 from msn.bench.questions import load_questions, select
-from msn.bench.session import answered
+from msn.bench.session import answered, check_answer_files
 from msn.bench.stats import append_answers, paired, per_question, tokens_per_s, tokens_per_step, write_report
 from msn.decoding import attention
 from msn.decoding.engine import DecoderState
@@ -167,9 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    files = {v.name: out / "answers" / f"{v.name}.jsonl" for v in variants}
+    try:  # a rerun into the same --out resumes only if its answers are to these very questions
+        check_answer_files(list(files.values()), questions)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
     eos = eos_ids(model, tok)
-    files = {v.name: out / "answers" / f"{v.name}.jsonl" for v in variants}
     files[base].parent.mkdir(parents=True, exist_ok=True)
     done = set.intersection(*(answered(f) for f in files.values()))
     q0 = questions[0]

@@ -15,6 +15,7 @@ answers to the same prompts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -160,8 +161,11 @@ def exclusive(out: Path) -> Iterator[None]:
 
     Two processes appending to one file answer the same prompts twice (seen once: ~100 duplicate keys). The
     lock is taken on the output itself, so no lock file is left behind; a file this call created and that is
-    still empty when the run fails is removed again. Where ``fcntl`` is missing (Windows) nothing is locked.
+    still empty when the run fails is removed again, with the parent folders it created (like bench and train,
+    distill creates a missing ``--out`` folder). Where ``fcntl`` is missing (Windows) nothing is locked.
     """
+    new_dirs = [d for d in reversed(out.absolute().parents) if not d.exists()]  # outermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
     created = not out.exists()
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -175,6 +179,9 @@ def exclusive(out: Path) -> Iterator[None]:
     except BaseException:
         if created and os.fstat(fd).st_size == 0 and not meta_path(out).exists():
             out.unlink(missing_ok=True)
+            for d in reversed(new_dirs):
+                with contextlib.suppress(OSError):  # a folder something else wrote into stays
+                    d.rmdir()
         raise
     finally:
         os.close(fd)  # releases the lock
@@ -327,6 +334,9 @@ def _check(args) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"must be positive, got {value}", field="--" + flag.replace("_", "-"))
+    from msn.bench.flags import at_least
+
+    at_least(args, {"threads": 1})  # the CPU bound every command's --threads shares
     if args.prompts not in PROMPT_SOURCES and not Path(args.prompts).is_file():
         raise InputError("prompt file not found (or use sharegpt / stdlib-code)", where=args.prompts)
 

@@ -92,6 +92,8 @@ def test_methods():
         (["--categories", "qa,poetry"], "unknown category poetry"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--tree", "no-such-tree"], "unknown tree 'no-such-tree'"),
+        (["--threads", "100000"], "--threads 100000 is more than the "),
+        (["--temperature", "0", "--top-p", "0.9"], "--temperature 0 means greedy decoding, which --top-p cannot"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, extra, message):
@@ -114,3 +116,70 @@ def test_cli_malformed_file_exit_2(tmp_path, capsys):
 def test_cli_missing_file_exit_2(tmp_path, capsys):
     assert main(["bench", "--questions", str(tmp_path / "question.jsonl")]) == 2
     assert "Spec-Bench" in capsys.readouterr().err
+
+
+def test_temperature_0_is_greedy():
+    """As in ``msn serve`` (OpenAI's convention); it used to fail naming a Python-only fix (do_sample=False)."""
+    import argparse
+
+    from msn.bench.flags import add_sampling_arguments, sampling_settings
+
+    p = argparse.ArgumentParser()
+    add_sampling_arguments(p)
+    assert sampling_settings(p.parse_args(["--temperature", "0", "--seed", "3"])) is None
+    assert sampling_settings(p.parse_args(["--temperature", "0.5"])).temperature == 0.5
+
+
+@pytest.fixture
+def bench_run(tmp_path, model, tok, monkeypatch):
+    """``msn bench`` on the tiny model (context: 512 tokens) with the byte tokenizer (a token per character),
+    recording the questions answered."""
+    import msn.bench.runner as runner
+    import msn.bench.session as session
+
+    monkeypatch.setattr(session, "_load", lambda c, d: (model, tok))
+    answered = []
+    real = runner.answer_question
+
+    def counting(model, tokenizer, question, *a):
+        answered.append(question.question_id)
+        return real(model, tokenizer, question, *a)
+
+    monkeypatch.setattr(runner, "answer_question", counting)
+
+    def bench(path, *extra):
+        return main(["bench", "--questions", str(path), "--methods", "ar,pld", "--max-new-tokens", "8", "--dtype",
+                     "fp32", "--device", "cpu", "--warmup", "0", "--out", str(tmp_path / "out"), *extra])
+
+    return bench, answered
+
+
+def test_a_first_turn_too_long_for_the_context_is_named_before_any_question_runs(tmp_path, bench_run, capsys):
+    bench, answered = bench_run
+    path = write(tmp_path, [GOOD[0], {"question_id": "long", "category": "rag", "turns": ["x" * 600]}, GOOD[2]])
+    assert bench(path) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    n = len("<user>" + "x" * 600 + "</user><assistant>")
+    assert err == (f"msn bench: error: question 'long' ({path}:2): its first turn is {n} tokens, + --max-new-tokens 8 "
+                   f"= {n + 8} exceeds the model's context of 512 tokens; leave its category 'rag' out with "
+                   "--categories, or use a model with a longer context")
+    assert answered == [] and not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    path = write(tmp_path, [GOOD[0], {"question_id": "long", "category": "rag", "turns": ["x" * 480]}])
+    assert bench(path, "--max-new-tokens", "100") == 2
+    assert "lower --max-new-tokens to 8 or less, or leave its category 'rag' out" in capsys.readouterr().err
+    assert bench(path, "--categories", "qa") == 0 and answered == [1, 1]  # by ar, then by pld
+
+
+def test_a_later_turn_too_long_names_the_question_and_turn(tmp_path, bench_run, capsys):
+    bench, answered = bench_run
+    turns = ["Say something.", "y" * 480]  # the first fits; the conversation at turn 2 does not
+    path = write(tmp_path, [GOOD[0], {"question_id": 7, "category": "mt", "turns": turns}])
+    assert bench(path) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"msn bench: error: question 7 ({path}:2): at turn 2 the conversation (its earlier answers "
+                          "included) is ")
+    assert "exceeds the model's context of 512 tokens; lower --max-new-tokens (it bounds the earlier answers too), " \
+           "or leave its category 'mt' out with --categories" in err
+    assert answered == [1, 1, 7]  # ar and pld answered question 1; ar stopped at question 7's second turn
+    assert bench(path, "--categories", "qa") == 0  # the fix the line names: it resumes, question 1 kept
+    assert answered == [1, 1, 7]

@@ -146,18 +146,31 @@ def test_a_bench_recorded_before_retrieval_depth_was_named_still_resumes(setup, 
     assert bench(path, out) == 2
 
 
-def test_foreign_folder_refused_and_overwrite_deletes_only_bench_files(setup, tmp_path, capsys):
+def test_foreign_folder_is_refused_even_with_overwrite(setup, tmp_path, capsys):
+    """Without bench.json there is no bench: files that merely have a bench's names (summary.md,
+    answers/ar.jsonl) are the user's, and --overwrite must not delete them."""
+    path, calls = setup
+    out = tmp_path / "out"
+    (out / "answers").mkdir(parents=True)
+    mine = {"notes.txt": "mine", "summary.md": "my summary", "answers/ar.jsonl": "keep", "speedup.png": "old plot"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    for extra in ((), ("--overwrite",)):
+        assert bench(path, out, *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds no msn bench (bench.json missing)" in err[0], err
+        assert "choose an empty or new --out" in err[0]
+        assert {n: (out / n).read_text() for n in mine} == mine and calls == []
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["answers", *sorted(mine)]
+
+
+def test_overwrite_deletes_only_bench_files(setup, tmp_path):
     path, _ = setup
     out = tmp_path / "out"
-    out.mkdir()
+    assert bench(path, out) == 0
     (out / "notes.txt").write_text("mine")
-    (out / "answers").mkdir()
     (out / "answers" / "keep.txt").write_text("also mine")
     (out / "speedup.png").write_bytes(b"old plot")
-    assert bench(path, out) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds no msn bench" in err[0] and "--overwrite" in err[0]
-    assert (out / "speedup.png").read_bytes() == b"old plot"
     assert bench(path, out, "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "answers" / "keep.txt").read_text() == "also mine"
     assert ids(out, "ar") == [1, 2, "three"] and (out / "speedup.png").read_bytes() != b"old plot"
@@ -190,3 +203,63 @@ def test_empty_summary_removes_stale_plot(setup, tmp_path, monkeypatch):
     assert bench(path, out, "--overwrite") == 130
     assert json.loads((out / "summary.json").read_text())["questions"] == 0
     assert not (out / "speedup.png").exists()
+
+
+def write_questions(path, questions):
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"category": "poetry"}, "category 'writing', now 'poetry'"),
+    ({"turns": ["Write a haiku about snow."]}, "other turns than now"),
+    ({"turns": ["Write a haiku about rain.", "Now one about snow."]}, "other turns than now"),
+])
+def test_resume_with_other_questions_under_the_same_ids_is_refused(setup, tmp_path, capsys, change, what):
+    """Another question file (or an edited question) with the same ids used to "resume" with nothing to do and
+    report the old answers as the new questions'."""
+    path, calls = setup
+    out = tmp_path / "out"
+    assert bench(path, out) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    edited = tmp_path / "edited.jsonl"
+    write_questions(edited, [QUESTIONS[0], {**QUESTIONS[1], **change}, QUESTIONS[2]])
+    calls.clear()
+    assert bench(edited, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"answers/ar.jsonl:2: question 2 ({edited}:2) was answered here as another question ({what})" in err[0]
+    assert "pass --overwrite" in err[0] and "choose another --out" in err[0]
+    assert calls == [] and {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert bench(edited, out, "--overwrite") == 0  # the fix the line names
+    assert json.loads((out / "summary.json").read_text())["categories"] == ["qa", change.get("category", "writing")]
+
+
+def test_answers_from_before_the_question_hash_resume_comparing_the_category(setup, tmp_path):
+    """An answer written before ``question_sha256`` was recorded can be compared by category only."""
+    path, calls = setup
+    out = tmp_path / "out"
+    assert bench(path, out) == 0
+    for m in ("ar", "jacobi"):
+        f = out / "answers" / f"{m}.jsonl"
+        old = [{k: v for k, v in json.loads(x).items() if k != "question_sha256"} for x in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps(r) + "\n" for r in old))
+    edited = tmp_path / "edited.jsonl"
+    write_questions(edited, [QUESTIONS[0], {**QUESTIONS[1], "turns": ["Another haiku."]}, QUESTIONS[2]])
+    calls.clear()
+    assert bench(edited, out) == 0 and calls == []  # the turns cannot be told apart: taken on trust
+    write_questions(edited, [QUESTIONS[0], {**QUESTIONS[1], "category": "poetry"}, QUESTIONS[2]])
+    assert bench(edited, out) == 2 and calls == []
+
+
+def test_summary_covers_only_this_runs_questions(setup, tmp_path, capsys):
+    path, calls = setup
+    out = tmp_path / "out"
+    assert bench(path, out) == 0
+    calls.clear()
+    assert bench(path, out, "--limit", "1") == 0 and calls == []
+    s = json.loads((out / "summary.json").read_text())
+    assert s["questions"] == 1 and s["categories"] == ["qa"]
+    assert s["methods"]["ar"]["overall"]["answers"] == 1
+    assert "1 questions" in capsys.readouterr().out
+    assert ids(out, "ar") == [1, 2, "three"]  # the other answers stay, for a later run that selects them

@@ -45,7 +45,7 @@ def answers(out, method) -> list[dict]:
 
 @pytest.mark.parametrize("flags, message", [
     (("--temperature", "-0.5"), "temperature must be > 0"),
-    (("--temperature", "0"), "temperature must be > 0"),
+    (("--temperature", "0", "--top-p", "0.9"), "--temperature 0"),  # 0 is greedy (as in msn serve): no top-p
     (("--top-p", "1.5"), "top_p must be in [0, 1]"),
     (("--top-p", "-0.1"), "top_p must be in [0, 1]"),
     (("--top-k", "-2"), "top_k must be an integer >= 0"),

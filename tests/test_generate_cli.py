@@ -105,6 +105,7 @@ def test_threads_sets_torch_threads(calls, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--threads", "0"), "--threads must be >= 1, got 0"),
+    (("--threads", "100000"), "--threads 100000 is more than the "),  # segfaulted in the thread pool
     (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1, got 0"),
     (("--tree", "no-such-tree"), "unknown tree 'no-such-tree'"),
 ])
@@ -150,8 +151,16 @@ def test_sampling_flags_sample_and_the_seed_decides(calls, capsys):
     assert "do_sample" not in calls["generate"][-1] and "greedy" in capsys.readouterr().err
 
 
+def test_temperature_0_is_greedy_as_in_msn_serve(calls, capsys):
+    assert run("--temperature", "0", "--seed", "5") == 0
+    assert "do_sample" not in calls["generate"][-1] and "[tr-jacobi, greedy]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
-    (("--temperature", "0"), "temperature must be > 0"),
+    (("--temperature", "0", "--top-k", "5"), "--temperature 0 means greedy decoding, which --top-k cannot change"),
+    (("--temperature", "0", "--top-p", "0.9", "--min-p", "0.1"), "drop --top-p and --min-p, or give a temperature"),
+    (("--temperature", "-1"), "--temperature must be > 0 to sample (or 0 for greedy decoding), got -1.0"),
+    (("--temperature", "inf"), "--temperature must be > 0 to sample (or 0 for greedy decoding), got inf"),
     (("--top-p", "1.5"), "top_p must be in [0, 1]"),
     (("--top-k", "-2"), "top_k must be an integer >= 0"),
 ])
@@ -159,3 +168,9 @@ def test_bad_sampling_flags_are_one_line_before_loading(calls, capsys, flags, me
     assert run(*flags) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and calls["load"] == []
+
+
+def test_a_folder_given_as_prompt_file_is_named_a_folder(calls, capsys, tmp_path):
+    assert main(["generate", "--file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path}: is a folder, not a prompt file" in err and "\n" not in err and calls["load"] == []

@@ -74,6 +74,13 @@ def test_two_models_answer_every_question_then_resume(two_models, tmp_path, caps
     assert mod.main(argv) == 0
     assert (out / "answers/msn/ar.jsonl").read_text() == before
     assert "[1/3]" not in capsys.readouterr().out
+    # Another question file reusing the ids is refused, not resumed as if answered.
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(q.read_text().replace("Name a colour.", "Name a fruit."))
+    assert mod.main([*argv[:argv.index("--questions") + 1], str(edited), *argv[argv.index("--questions") + 2:]]) == 2
+    err = capsys.readouterr().err
+    assert "question 3" in err and "answered here as another question" in err and "\n" not in err.strip()
+    assert (out / "answers/msn/ar.jsonl").read_text() == before
 
 
 def test_paired_statistics_and_bad_input(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import by_score, chain_of, draft_from_paths, tree_templates
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import msn
@@ -71,6 +71,19 @@ def test_cycle_in_nodes_form_is_refused():
         ({"jacobi": [[0]], "recycling": -2}, "'recycling' must be an integer >= 0, got -2"),
         ({"jacobi": [[0]], "depth": 3}, r"unknown field\(s\) \['depth'\]"),
         ([[0]], "expected a JSON object"),
+        # the nodes form is checked like the others: no typo, no second way to give the same nodes
+        ({"nodes": [[0, 0]], "typo_field": 1}, r"unknown field\(s\) \['typo_field'\]$"),
+        ({"nodes": [[0, 0]], "retrieval_depth": 5}, r"\['retrieval_depth'\] \('nodes' gives .* retrieval chain"),
+        ({"nodes": [[0, 0]], "retrieval": 5}, r"\['retrieval'\]"),
+        ({"nodes": [[0, 0]], "jacobi": [[1]]}, r"\['jacobi'\]"),
+        ({"nodes": [[0, 0]], "recycling": -1}, "'recycling' must be an integer >= 0"),
+        ({"nodes": [[True, 0]]}, r"must be \[parent_index, rank\]"),
+        ({"nodes": [[0, True]]}, "rank must be an integer"),
+        # a tree without draft nodes would decode one token per step without a word
+        ({}, "no draft nodes; give 'jacobi' rank paths"),
+        ({"name": "mine", "description": "x"}, "no draft nodes"),
+        ({"jacobi": [], "retrieval_depth": 0, "recycling": 0}, "no draft nodes"),
+        ({"nodes": []}, "no draft nodes"),
     ],
 )
 def test_malformed_template_dicts(data, message):
@@ -83,6 +96,23 @@ def test_nodes_form_equals_paths_form():
     t = TreeTemplate.from_dict({"nodes": [[0, 0], [0, 1], [1, 0], [0, "r"], [4, "r"]]})
     assert set(t.jacobi) == {(0,), (1,), (0, 0)}
     assert t.retrieval_depth == 2
+
+
+def test_nodes_form_honours_recycling_and_name(tmp_path):
+    """Recycling nodes have no place in the parent links, so the count is given beside them, as beside
+    ``jacobi``; it used to be dropped without a word."""
+    f = tmp_path / "tnodes.json"
+    f.write_text('{"nodes": [[0, 0], [0, "r"]], "recycling": 8, "description": "mine"}')
+    t = TreeTemplate.load(f)
+    assert (t.jacobi, t.retrieval_depth, t.recycling, t.size, t.name) == (((0,),), 1, 8, 10, "tnodes")
+    assert TreeTemplate.from_dict({"nodes": [[0, 0]], "name": "n"}) == TreeTemplate(((0,),), name="n")
+
+
+def test_empty_tree_file_is_refused_naming_the_file(tmp_path):
+    f = tmp_path / "t2.json"
+    f.write_text("{}")
+    with pytest.raises(TreeError, match=r"t2\.json: the tree has no draft nodes.*--method ar"):
+        resolve_tree(str(f), "cpu", torch.float32)
 
 
 def test_tree_files_with_the_old_retrieval_key_still_load(tmp_path):
@@ -127,6 +157,7 @@ def test_recycling_count_up_to_the_auto_maximum_is_fine():
 @settings(max_examples=60, deadline=None)
 @given(tree_templates(max_recycling=AUTO_MAX_NODES), st.sampled_from(["x", "my-tree"]))
 def test_json_roundtrip(tmp_path_factory, t, name):
+    assume(t.size > 0)  # a tree file without draft nodes is refused (test_malformed_template_dicts)
     t = TreeTemplate(t.jacobi, t.retrieval_depth, name=name, recycling=t.recycling)
     f = tmp_path_factory.mktemp("trees") / "t.json"
     t.save(f)
@@ -241,6 +272,10 @@ def test_unknown_method_is_refused(tree):
 def test_every_per_method_part_roundtrips_through_json(name, method):
     part = TEMPLATES[name].for_method(method)
     assert part.recycling <= AUTO_MAX_NODES
+    if part.size == 0:  # e.g. ar's part, or jacobi's of a tree without Jacobi nodes: as a file, refused
+        with pytest.raises(TreeError, match="no draft nodes"):
+            TreeTemplate.from_dict(part.to_dict())
+        return
     assert TreeTemplate.from_dict(part.to_dict()) == part
 
 

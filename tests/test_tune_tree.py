@@ -127,18 +127,33 @@ def test_measure_costs_times_each_size():
     assert set(costs) == {1, 4, 16} and all(v > 0 for v in costs.values())
 
 
+def pays_for_the_first_node(monkeypatch, prob: float = 0.9):
+    """The tiny random model accepts next to nothing, so no node would pay and no tree be written: measure it
+    for real (shapes), then report node (0,) accepted on ``prob`` of the steps, on a flat cost curve."""
+    real = tune.measure_acceptance
+
+    def measure(model, tokenizer, template, *a, **kw):
+        probs, steps, share = real(model, tokenizer, template, *a, **kw)
+        assert len(probs) == template.size and steps > 0
+        return [prob if p == (0,) else 0.0 for p in template.jacobi] + [0.0] * template.retrieval_depth, steps, share
+
+    monkeypatch.setattr(tune, "measure_acceptance", measure)
+    monkeypatch.setattr(tune, "measure_costs", lambda model, sizes, *a: {k: 0.01 for k in sizes})
+
+
 def test_tune_writes_loadable_tree(tmp_path, monkeypatch, capsys):
     model, tok = tiny_model("llama"), ByteChatTokenizer()
     import msn.models
 
     monkeypatch.setattr(msn.models, "load_model", lambda *a, **k: (model, tok))
+    pays_for_the_first_node(monkeypatch)
     out = tmp_path / "tree.json"
     code = main(["tune-tree", "--model", "tiny", "--dtype", "fp32", "--device", "cpu", "--sizes", "1,8,32",
                  "--repeats", "1", "--prompts", "2", "--max-new-tokens", "12", "--start-tree", "cpu-bf16-16",
                  "--past", "16", "--out", str(out)])
     assert code == 0
     tree = TreeTemplate.load(out)
-    assert tree.name == "tuned-tiny-fp32-cpu" and tree.size <= 31
+    assert tree.name == "tuned-tiny-fp32-cpu" and tree.jacobi == ((0,),) and tree.size == 1
     report = json.loads((tmp_path / "tree.measure.json").read_text())
     assert len(report["node_acceptance"]) == TREE_PRESETS["cpu-bf16-16"].size
     assert all(0.0 <= n["prob"] <= 1.0 for n in report["node_acceptance"])
@@ -185,3 +200,76 @@ def test_engine_reports_retrieval_chain_lengths():
 def test_bad_sizes(capsys):
     assert main(["tune-tree", "--sizes", "1,x"]) == 2
     assert "--sizes must be comma-separated integers" in capsys.readouterr().err
+
+
+def tune_argv(out, *extra):
+    return ["tune-tree", "--model", "tiny", "--dtype", "fp32", "--device", "cpu", "--sizes", "1,2", "--repeats", "1",
+            "--prompts", "1", "--max-new-tokens", "4", "--start-tree", "cpu-fp32-8", "--past", "8", "--out", str(out),
+            *extra]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    import msn.models
+
+    monkeypatch.setattr(msn.models, "load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+
+
+@pytest.mark.parametrize("start, message", [
+    ("auto", "--start-tree 'auto' chooses its nodes per step.*give a preset .*official-68.* or a tree JSON file"),
+    ("recycling.json", "has 4 recycling nodes, which tune-tree does not measure"),
+])
+def test_start_tree_without_fixed_measurable_nodes_is_refused_before_loading(tmp_path, capsys, no_load, start,
+                                                                           message):
+    (tmp_path / "recycling.json").write_text('{"jacobi": [[0]], "recycling": 4}')
+    code = main(tune_argv(tmp_path / "tree.json", "--start-tree", str(tmp_path / start) if ".json" in start else start))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and __import__("re").search(message, err), err
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "tree.json"])
+def test_an_existing_file_tune_tree_did_not_write_is_never_replaced(tmp_path, capsys, no_load, name):
+    """``--out`` mistyped for a dataset (or a hand-written tree) must not cost the user that file."""
+    mine = tmp_path / name
+    mine.write_text('{"prompt": "Count from 0.", "response": "0 1 2"}\n')
+    assert main(tune_argv(mine)) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{mine} exists and is not a tree file msn tune-tree wrote; choose another --out" in err and "\n" not in err
+    assert mine.read_text() == '{"prompt": "Count from 0.", "response": "0 1 2"}\n'
+    report = tmp_path / "new.measure.json"  # the report beside a tree is guarded the same way
+    report.write_text("my notes\n")
+    assert main(tune_argv(tmp_path / "new.json")) == 2
+    assert "new.measure.json exists and is not a measurement report" in capsys.readouterr().err
+    assert report.read_text() == "my notes\n"
+
+
+def test_rerun_replaces_its_own_files_atomically(tmp_path, monkeypatch, capsys):
+    import msn.models
+    import msn.outputs
+
+    model, tok = tiny_model("llama"), ByteChatTokenizer()
+    monkeypatch.setattr(msn.models, "load_model", lambda *a, **k: (model, tok))
+    pays_for_the_first_node(monkeypatch)
+    out = tmp_path / "tree.json"
+    assert main(tune_argv(out)) == 0
+    written = []
+    real = msn.outputs.atomic_write_text
+    monkeypatch.setattr(msn.outputs, "atomic_write_text", lambda p, text: written.append(str(p)) or real(p, text))
+    assert main(tune_argv(out)) == 0  # its own tree and report: replaced
+    assert written == [str(tmp_path / "tree.measure.json"), str(out)]
+    assert TreeTemplate.load(out).name.startswith("tuned-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree.json", "tree.measure.json"]  # no temp file left
+
+
+def test_when_no_node_pays_no_empty_tree_is_written(tmp_path, monkeypatch, capsys):
+    """A tree without draft nodes is refused wherever trees are read, so tune-tree says what to do instead."""
+    import msn.models
+
+    model, tok = tiny_model("llama"), ByteChatTokenizer()
+    monkeypatch.setattr(msn.models, "load_model", lambda *a, **k: (model, tok))
+    pays_for_the_first_node(monkeypatch, prob=0.0)
+    out = tmp_path / "tree.json"
+    assert main(tune_argv(out)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no draft node pays" in err and "--method ar" in err and f"{out} not written" in err
+    assert not out.exists() and json.loads((tmp_path / "tree.measure.json").read_text())["best_size"] == 0

@@ -38,11 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     methods = check_run_flags(args)
     sampling = sampling_settings(args)
-    from msn.bench.session import pick_device
-    from msn.outputs import check_output_dir
+    from msn.bench.session import check_bench_out, pick_device
 
     pick_device(args.device)
-    check_output_dir(args.out, "--out")  # before the banner: a bad input is the only line printed
+    check_bench_out(Path(args.out))  # before the banner: a bad input is the only line printed
     questions = qs.demo_questions(args.limit)
     print(f"msn demo: {len(questions)} prompts x {len(methods)} methods ({', '.join(methods)}) on {args.model}, "
           f"{args.dtype}, up to {args.max_new_tokens} new tokens each, "
@@ -51,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=1,
         command=command_line(), threads=args.threads, overwrite=args.overwrite, sampling=sampling,
+        leave_out="stop before it with --limit",
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

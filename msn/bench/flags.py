@@ -5,6 +5,8 @@ once, for ``msn generate``, ``msn bench`` and ``msn demo``."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -17,13 +19,25 @@ if TYPE_CHECKING:
 RUN_MINIMUMS = {"max_new_tokens": 1, "threads": 1, "warmup": 0, "limit": 1, "per_category": 1}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one): more torch threads than
+    that only oversubscribe, and thousands crash or hang the thread pool."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def at_least(args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
     """Refuse the first flag in ``minimums`` below its minimum; a flag the command lacks, or left unset
-    (None), passes."""
+    (None), passes. ``--threads`` is also held to :func:`usable_cpus` here, so every command that has it
+    (generate, bench, demo, tune-tree, serve, distill) checks it the same way."""
     for name, minimum in minimums.items():
         value = getattr(args, name, None)
         if value is not None and value < minimum:
             raise InputError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+        if name == "threads" and value is not None and value > (cpus := usable_cpus()):
+            raise InputError(f"--threads {value} is more than the {cpus} CPUs this process may use; use "
+                             f"--threads {cpus} or less (or leave it out for torch's choice)")
 
 
 def check_run_flags(args: argparse.Namespace) -> list[str]:
@@ -41,9 +55,12 @@ BENCH_SEED_HELP = ("each question's (each turn's) seed derives from it, the same
 
 def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str = "same seed, same text for every method "
                            "(default: 0)") -> None:
-    """``--temperature``, ``--top-p``, ``--top-k``, ``--min-p`` and ``--seed``; any of the first four samples."""
-    samp = p.add_argument_group("sampling (any of these samples instead of greedy decoding; exact, seeded)")
-    samp.add_argument("--temperature", type=float, default=None, help="e.g. 0.7 (default: greedy)")
+    """``--temperature``, ``--top-p``, ``--top-k``, ``--min-p`` and ``--seed``; any of the first four samples,
+    except ``--temperature 0``: greedy, as in ``msn serve`` and OpenAI's API."""
+    samp = p.add_argument_group("sampling (any of these samples instead of greedy decoding, but --temperature 0; "
+                                "exact, seeded)")
+    samp.add_argument("--temperature", type=float, default=None,
+                      help="e.g. 0.7 samples; 0 = greedy decoding, as in msn serve (default: greedy)")
     samp.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.9")
     samp.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     samp.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
@@ -51,13 +68,24 @@ def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str = "same se
 
 
 def _given_sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags given; none (greedy) for ``--temperature 0``, which no other sampling flag may join."""
     given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
-    return {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None}
+    t = given.get("temperature")
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise InputError(f"--temperature must be > 0 to sample (or 0 for greedy decoding), got {t}")
+    if t == 0:
+        others = [f"--{k.replace('_', '-')}" for k in given if k != "temperature"]
+        if others:
+            raise InputError(f"--temperature 0 means greedy decoding, which {' and '.join(others)} cannot change; "
+                             f"drop {' and '.join(others)}, or give a temperature > 0 to sample")
+        return {}
+    return given
 
 
 def sampling_settings(args: argparse.Namespace) -> Sampling | None:
     """The sampling flags as checked settings (``--seed`` included), or None for greedy decoding (no sampling
-    flag given). A bad value is one clear error, before any model loads."""
+    flag given, or ``--temperature 0``). A bad value is one clear error, before any model loads."""
     from msn.decoding.sampling import sampling_from
 
     given = _given_sampling(args)

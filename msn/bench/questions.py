@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from msn.errors import InputError
@@ -24,6 +24,7 @@ class Question:
     question_id: int | str
     category: str
     turns: tuple[str, ...]
+    where: str | None = field(default=None, compare=False)  # ``file:line``, for messages naming the question
 
 
 def parse_question(obj: object, where: str) -> Question:
@@ -39,7 +40,7 @@ def parse_question(obj: object, where: str) -> Question:
         raise InputError("must be a non-empty string", where=where, field="category")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise InputError("must be a non-empty list of non-empty strings", where=where, field="turns")
-    return Question(qid, category, tuple(turns))
+    return Question(qid, category, tuple(turns), where)
 
 
 def read_questions(lines: Iterable[str], source: str) -> list[Question]:

@@ -27,6 +27,7 @@ from msn.bench.questions import Question
 from msn.decoding import METHODS as ENGINE_METHODS
 from msn.decoding import generate
 from msn.decoding.engine import DecoderState
+from msn.decoding.request import context_limit
 from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate
 from msn.errors import InputError, MsnError
@@ -45,6 +46,47 @@ def turn_seed(seed: int, question_id, turn: int) -> int:
     (a hash, not Python's salted ``hash``), below 2**63."""
     digest = hashlib.sha256(json.dumps([seed, question_id, turn]).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def question_hash(question: Question) -> str:
+    """A digest of the question's turns, recorded in each answer: a resume must not count an answer to an edited
+    or another question (same id, other text) as this question's."""
+    return hashlib.sha256(json.dumps(list(question.turns)).encode()).hexdigest()
+
+
+LEAVE_OUT = "leave its category {category!r} out with --categories"  # msn bench's way to skip a question
+
+
+def _too_long(question: Question, turn: int, prompt_len: int, max_new_tokens: int, limit: int,
+              leave_out: str = LEAVE_OUT) -> InputError:
+    """One line naming the question, its turn and the fix, for a turn that does not fit the model's context;
+    ``leave_out`` says how to skip the question (``{category}`` is filled in)."""
+    at = f" ({question.where})" if question.where else ""
+    what = ("its first turn is" if turn == 0 else
+            f"at turn {turn + 1} the conversation (its earlier answers included) is")
+    room, skip = limit - prompt_len, leave_out.format(category=question.category)
+    if turn > 0:  # earlier answers are part of the prompt, and as long as --max-new-tokens lets them be
+        fix = f"lower --max-new-tokens (it bounds the earlier answers too), or {skip}"
+    elif room >= 1:
+        fix = f"lower --max-new-tokens to {room} or less, or {skip}"
+    else:
+        fix = f"{skip}, or use a model with a longer context"
+    return InputError(f"question {question.question_id!r}{at}: {what} {prompt_len} tokens, + --max-new-tokens "
+                      f"{max_new_tokens} = {prompt_len + max_new_tokens} exceeds the model's context of {limit} "
+                      f"tokens; {fix}")
+
+
+def check_first_turns(model, tokenizer, questions: Sequence[Question], max_new_tokens: int,
+                      leave_out: str = LEAVE_OUT) -> None:
+    """Refuse the first question whose first turn cannot fit the context, before any question runs (later
+    turns hold earlier answers, so they are checked when they come, by :func:`answer_question`)."""
+    limit = context_limit(model.config)
+    if limit is None:
+        return
+    for q in questions:
+        n = encode_chat(tokenizer, [{"role": "user", "content": q.turns[0]}]).shape[-1]
+        if n + max_new_tokens > limit:
+            raise _too_long(q, 0, n, max_new_tokens, limit, leave_out)
 
 
 def hf_sampling_kwargs(sampling: Sampling) -> dict:
@@ -216,16 +258,20 @@ def answer_question(
     :func:`turn_seed`) when ``sampling`` is given."""
     messages: list[dict[str, str]] = []
     turns: list[TurnResult] = []
+    limit = context_limit(model.config)
     for i, turn in enumerate(question.turns):
         messages.append({"role": "user", "content": turn})
         seed = 0 if sampling is None else turn_seed(sampling.seed, question.question_id, i)
-        result = run_turn(model, tokenizer, method, encode_chat(tokenizer, messages), max_new_tokens, tree, eos,
-                          state, sampling, seed)
+        ids = encode_chat(tokenizer, messages)
+        if limit is not None and ids.shape[-1] + max_new_tokens > limit:
+            raise _too_long(question, i, ids.shape[-1], max_new_tokens, limit)
+        result = run_turn(model, tokenizer, method, ids, max_new_tokens, tree, eos, state, sampling, seed)
         messages.append({"role": "assistant", "content": result.text})
         turns.append(result)
     return {
         "question_id": question.question_id,
         "category": question.category,
+        "question_sha256": question_hash(question),  # what was asked, so a resume can tell an edited question
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
         "method": method,

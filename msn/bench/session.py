@@ -6,9 +6,11 @@ crash) leaves every finished question on disk; the summary is then written from 
 The output folder is never clobbered: ``bench.json`` records the settings of the run that owns it, and a
 rerun into the same ``--out`` resumes -- it skips every question a method has already answered and
 appends the rest -- as long as model, dtype, device, tree, token budget and sampling settings (greedy, or
-temperature/top-k/top-p/min-p and seed) are the same (otherwise it refuses, naming the setting). A non-empty
-folder without ``bench.json`` is refused. ``--overwrite`` deletes only the files a bench writes, and only once
-the model has loaded.
+temperature/top-k/top-p/min-p and seed) are the same (otherwise it refuses, naming the setting), and as long as
+each question already answered is the same question (category and turns) in this run's question file. A
+non-empty folder without ``bench.json`` holds no bench and is refused, ``--overwrite`` or not: files there that
+merely have a bench's names are the user's. ``--overwrite`` deletes only the files a bench writes, and only
+once the model has loaded and every question's first turn is known to fit its context.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class BenchConfig:
     threads: int | None = None  # torch intra-op threads; 1 avoids collapse on an oversubscribed CPU
     overwrite: bool = False  # replace the bench in ``out`` instead of resuming it
     sampling: Sampling | None = None  # None: greedy
+    leave_out: str = runner.LEAVE_OUT  # how the user skips a question that does not fit the context
 
 
 @dataclass
@@ -138,17 +141,25 @@ def _tree_name(t) -> str:
     return str(t)
 
 
-def plan_out(out: Path, settings: dict, overwrite: bool) -> str:
-    """``fresh``, ``resume`` or ``overwrite``; refuses (InputError) before anything is loaded or written."""
+def check_bench_out(out: Path) -> bool:
+    """Whether ``out`` holds a bench (False: empty or new); refuses an unusable path or a non-empty folder
+    without ``bench.json``, even with --overwrite: files there named like a bench's are the user's."""
     check_output_dir(out, "--out")
     if not out.is_dir() or not any(out.iterdir()):
+        return False
+    if not (out / BENCH_FILE).is_file():
+        raise InputError(f"{out} is not empty and holds no msn bench ({BENCH_FILE} missing), so there is no bench "
+                         "to resume or overwrite there; choose an empty or new --out", field="out")
+    return True
+
+
+def plan_out(out: Path, settings: dict, overwrite: bool) -> str:
+    """``fresh``, ``resume`` or ``overwrite``; refuses (InputError) before anything is loaded or written."""
+    if not check_bench_out(out):
         return "fresh"
+    record = out / BENCH_FILE
     if overwrite:
         return "overwrite"
-    record = out / BENCH_FILE
-    if not record.is_file():
-        raise InputError(f"{out} is not empty and holds no msn bench ({BENCH_FILE} missing); choose an empty or "
-                         "new --out, or pass --overwrite to replace the bench files in it", field="out")
     try:
         old = json.loads(record.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -178,17 +189,23 @@ def clear_bench(out: Path) -> None:
 def answered(path: Path) -> set:
     """Question ids in an answers file. A torn last line (a kill mid-write) is cut off; a malformed
     line elsewhere is an error naming it."""
+    return set(answer_records(path))
+
+
+def answer_records(path: Path) -> dict[str, tuple[int, dict]]:
+    """Each answered question (by :func:`_qid_key`) -> its line number and record, read as :func:`answered`."""
     if not path.is_file():
-        return set()
+        return {}
     raw = path.read_bytes()
     lines = raw.split(b"\n")
-    ids, good = set(), 0
+    records, good = {}, 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             good += len(line) + 1
             continue
         try:
-            ids.add(_qid_key(json.loads(line)["question_id"]))
+            rec = json.loads(line)
+            records[_qid_key(rec["question_id"])] = (lineno, rec)
         except (ValueError, KeyError, TypeError):
             if lineno == len(lines):  # no newline after it: the write was cut short
                 with open(path, "r+b") as f:
@@ -197,7 +214,36 @@ def answered(path: Path) -> set:
             raise InputError("malformed answer record; delete the line or pass --overwrite",
                              where=f"{path}:{lineno}") from None
         good += len(line) + 1
-    return ids
+    return records
+
+
+def check_same_questions(out: Path, methods: Sequence[str], questions: Sequence[Question]) -> None:
+    """Refuse to resume when an answer on disk is to another question than this run's with its id (another
+    question file, or an edited question): it would be counted as this question's answer."""
+    check_answer_files([answers_path(out, m) for m in methods], questions)
+
+
+def check_answer_files(paths: Sequence[Path], questions: Sequence[Question]) -> None:
+    """:func:`check_same_questions` for any answer files (the paired benchmarks keep one per model and method).
+    Answers written before ``question_sha256`` was recorded can only be compared by category; their turns are
+    taken on trust."""
+    for path in paths:
+        records = answer_records(path)
+        for q in questions:
+            lineno, rec = records.get(_qid_key(q.question_id), (None, None))
+            if rec is None:
+                continue
+            old_hash = rec.get("question_sha256")
+            if rec.get("category") != q.category:
+                what = f"category {rec.get('category')!r}, now {q.category!r}"
+            elif old_hash is not None and old_hash != runner.question_hash(q):
+                what = "other turns than now"
+            else:
+                continue
+            now_at = f" ({q.where})" if q.where else ""
+            raise InputError(f"question {q.question_id!r}{now_at} was answered here as another question ({what}); "
+                             "pass --overwrite to answer this question file from scratch, or choose another --out",
+                             where=f"{path}:{lineno}")
 
 
 def _qid_key(qid) -> str:
@@ -220,20 +266,21 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     settings = bench_settings(cfg, device, tree)
     mode = plan_out(out, settings, cfg.overwrite)
     if mode == "resume":  # read (and check) what is there before the model loads
-        for m in cfg.methods:
-            answered(answers_path(out, m))
+        check_same_questions(out, cfg.methods, cfg.questions)
     if model is None:
         console.print(f"loading {cfg.model} ({cfg.dtype}, {device}) ...")
         model, tokenizer = _load(cfg, device)
+    runner.check_first_turns(model, tokenizer, cfg.questions, cfg.max_new_tokens, cfg.leave_out)
     if mode == "overwrite":
         clear_bench(out)
-    (out / "answers").mkdir(parents=True, exist_ok=True)
     runs = []
     if mode == "resume":
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             runs = list(json.loads((out / BENCH_FILE).read_text(encoding="utf-8")).get("runs", []))
     runs.append({"started": now(), "command": cfg.command, "methods": list(cfg.methods)})
+    # bench.json first: a folder this run created always names its owner, even if the run dies right here
     atomic_write_text(out / BENCH_FILE, json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+    (out / "answers").mkdir(parents=True, exist_ok=True)
     done_ids = {m: answered(answers_path(out, m)) for m in cfg.methods}
     todo = [(q, [m for m in cfg.methods if _qid_key(q.question_id) not in done_ids[m]]) for q in cfg.questions]
     todo = [(q, ms) for q, ms in todo if ms]
@@ -310,7 +357,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     )
     if mode == "resume":
         meta["resumed"] = len(runs) - 1
-    summary = summarize_dir(out, cfg.methods, meta=meta)
+    summary = summarize_dir(out, cfg.methods, meta=meta, question_ids=[q.question_id for q in cfg.questions])
     write_summary(out, summary)
     if summary["questions"]:
         plot_speedup(summary, out / "speedup.png")

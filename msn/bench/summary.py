@@ -178,8 +178,14 @@ def summarize(answers: Mapping[str, Sequence[dict]], baseline: str = BASELINE, m
 
 
 def summarize_dir(out_dir: str | os.PathLike, methods: Sequence[str], baseline: str = BASELINE,
-                  meta: Mapping | None = None) -> dict:
-    return summarize({m: read_answers(answers_path(out_dir, m)) for m in methods}, baseline, meta)
+                  meta: Mapping | None = None, question_ids: Sequence | None = None) -> dict:
+    """The summary of ``methods``' answers in ``out_dir``; with ``question_ids``, of those questions only (a
+    run's selection: the folder may hold answers to questions an earlier run selected)."""
+    answers = {m: read_answers(answers_path(out_dir, m)) for m in methods}
+    if question_ids is not None:
+        wanted = {json.dumps(q) for q in question_ids}  # 1 and "1" are two questions
+        answers = {m: [r for r in recs if json.dumps(r.get("question_id")) in wanted] for m, recs in answers.items()}
+    return summarize(answers, baseline, meta)
 
 
 def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
@@ -268,9 +274,11 @@ def _sampling_note(summary: Mapping) -> str:
 
 
 def write_summary(out_dir: str | os.PathLike, summary: Mapping) -> None:
+    from msn.outputs import atomic_write_text
+
     out = Path(out_dir)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(to_markdown(summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "summary.md", to_markdown(summary))
 
 
 def print_report(summary: dict, out: Path, file=None) -> None:

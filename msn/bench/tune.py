@@ -23,7 +23,7 @@ import torch
 
 from msn.decoding.costs import measure_forward, remeasure
 from msn.decoding.packed import resolve_pack
-from msn.decoding.tree import TreeTemplate, resolve_tree
+from msn.decoding.tree import TREE_PRESETS, TreeTemplate, resolve_tree
 from msn.errors import InputError
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -212,12 +212,41 @@ def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: st
     return tree, report
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_tuned_tree(path: Path) -> bool:
+    """A tree this command wrote: a template whose name it gave (``tuned-...``) and no field it does not write."""
+    data = _read_json(path)
+    return (isinstance(data, dict) and str(data.get("name", "")).startswith("tuned-")
+            and set(data) <= {"name", "jacobi", "retrieval_depth", "retrieval", "recycling"})
+
+
+def _is_report(path: Path) -> bool:
+    data = _read_json(path)
+    return isinstance(data, dict) and {"costs_s", "node_acceptance", "tree"} <= set(data)
+
+
+def _check_own_file(path: Path, ours, what: str) -> None:
+    """Replace only what tune-tree wrote: ``--out`` mistyped for a dataset must not destroy it."""
+    if path.is_file() and not ours(path):
+        raise InputError(f"{path} exists and is not {what}; choose another --out (tune-tree replaces only its own "
+                         "files)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="preset, folder or checkpoint (default: smollm2-135m)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    p.add_argument("--out", default=None, help="tree JSON to write (default: tree-<model>-<dtype>.json)")
-    p.add_argument("--start-tree", default="official-68", help="large tree whose nodes are measured")
+    p.add_argument("--out", default=None, help="tree JSON to write (default: tree-<model>-<dtype>.json), next to "
+                   "its <name>.measure.json; an existing file is replaced only if tune-tree wrote it")
+    p.add_argument("--start-tree", default="official-68",
+                   help="large static tree whose nodes are measured: a preset or a tree JSON file (default: "
+                        "official-68)")
     p.add_argument("--prompts", type=int, default=4, help="built-in demo prompts decoded to measure acceptance")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="token counts to time")
@@ -240,23 +269,35 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--sizes must list token counts >= 1")
     at_least(args, {"prompts": 1, "max_new_tokens": 1, "past": 1, "repeats": 1, "threads": 1})
     out = Path(args.out or f"tree-{Path(args.model).name}-{args.dtype}.json")
-    from msn.outputs import check_output_file
+    from msn.outputs import atomic_write_text, check_output_file
 
+    report_path = out.with_name(out.stem + ".measure.json")
     check_output_file(out, "--out")  # before measuring: a bad path must not throw the measurements away
-    check_output_file(out.with_name(out.stem + ".measure.json"), "--out")
+    check_output_file(report_path, "--out")
+    _check_own_file(out, _is_tuned_tree, "a tree file msn tune-tree wrote")
+    _check_own_file(report_path, _is_report, "a measurement report msn tune-tree wrote")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     start = resolve_tree(args.start_tree, torch.device(device), parse_dtype(args.dtype))
+    if not isinstance(start, TreeTemplate):
+        raise InputError(f"--start-tree {args.start_tree!r} chooses its nodes per step, so it has no fixed nodes to "
+                         f"measure; give a preset ({', '.join(TREE_PRESETS)}) or a tree JSON file")
+    if start.recycling:
+        raise InputError(f"--start-tree {args.start_tree!r} has {start.recycling} recycling nodes, which tune-tree "
+                         "does not measure; give a tree without 'recycling'")
     name = f"tuned-{Path(args.model).name}-{args.dtype}-{device}"
     prompts = [q.turns[0] for q in demo_questions()[: args.prompts]]
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     tree, report = tune(model, tokenizer, prompts, start, name, sizes, args.past, args.repeats,
                         args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")  # atomic: never half a file
+    if not tree.size:  # a tree file without draft nodes is refused wherever a tree is read
+        print(f"msn tune-tree: no draft node pays on this device and model (measurements in {report_path}); "
+              f"decode with --method ar, or keep --tree auto, which drafts only when it pays; {out} not written",
+              file=sys.stderr)
+        return 1
     tree.save(out)
-    report_path = out.with_name(out.stem + ".measure.json")
-    report_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"tree: {tree.size} nodes ({len(tree.jacobi)} Jacobi, retrieval depth {tree.retrieval_depth}), "
           f"expected {report['expected_speedup']:.2f}x over one-token steps (forward cost only)")
     print(f"wrote {out} (use: msn bench --tree {out}); measurements in {report_path}")

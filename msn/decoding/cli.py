@@ -57,6 +57,8 @@ def _read_prompt(args) -> str:
         text = sys.stdin.read()
     else:
         path = Path(args.file)
+        if path.is_dir():
+            raise InputError("is a folder, not a prompt file; give the path of a text file to --file", where=str(path))
         if not path.is_file():
             raise InputError("prompt file not found", where=str(path))
         text = path.read_text()

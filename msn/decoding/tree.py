@@ -146,28 +146,35 @@ class TreeTemplate:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        from msn.outputs import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "tree") -> TreeTemplate:
         """Accepts ``{"jacobi": [[0], [0, 0], ...], "retrieval_depth": 5}`` or explicit parent links
-        ``{"nodes": [[parent, rank], ...]}`` (node i+1 is nodes[i], the root is 0, rank "r" = retrieval).
-        Files written before the field was named for what it is say ``"retrieval"``; they read the same."""
+        ``{"nodes": [[parent, rank], ...]}`` (node i+1 is nodes[i], the root is 0, rank "r" = retrieval), either
+        with an optional ``"recycling"`` node count. Files written before the field was named for what it is
+        say ``"retrieval"``; they read the same. An unknown field or a tree without draft nodes is refused: a
+        typo must not decode with a smaller tree than the one meant."""
         if not isinstance(data, dict):
             raise TreeError(f"{where}: expected a JSON object with 'jacobi' and 'retrieval_depth' (or 'nodes')")
         name = str(data.get("name", Path(where).stem))
-        if "nodes" in data:
-            jacobi, retrieval = _paths_from_parents(data["nodes"], where)
-            return cls(jacobi, retrieval, name=name)
-        unknown = set(data) - {"name", "jacobi", "retrieval_depth", "retrieval", "recycling", "description"}
+        known = {"name", "description", "recycling", *(("nodes",) if "nodes" in data else
+                                                       ("jacobi", "retrieval_depth", "retrieval"))}
+        unknown = set(data) - known
         if unknown:
-            raise TreeError(f"{where}: unknown field(s) {sorted(unknown)}")
+            also = (" ('nodes' gives the Jacobi nodes and the retrieval chain, rank 'r'; it takes no "
+                    "'jacobi' or 'retrieval_depth' beside it)" if unknown & {"jacobi", "retrieval_depth", "retrieval"}
+                    else "")
+            raise TreeError(f"{where}: unknown field(s) {sorted(unknown)}{also}")
         if "retrieval" in data:  # the old name of retrieval_depth
             if "retrieval_depth" in data:
                 raise TreeError(f"{where}: give 'retrieval_depth' only ('retrieval' is its old name)")
             data = {**{k: v for k, v in data.items() if k != "retrieval"}, "retrieval_depth": data["retrieval"]}
+        if "nodes" in data:
+            jacobi, retrieval = _paths_from_parents(data["nodes"], where)
+            data = {**data, "jacobi": [list(p) for p in jacobi], "retrieval_depth": retrieval}
         jacobi = data.get("jacobi", [])
         if not isinstance(jacobi, list) or not all(isinstance(p, list) and p for p in jacobi):
             raise TreeError(f"{where}: field 'jacobi' must be a list of non-empty rank lists")
@@ -181,6 +188,9 @@ class TreeTemplate:
             counts[key] = value
         if counts["recycling"] > AUTO_MAX_NODES:
             raise TreeError(f"{where}: field 'recycling' must be <= {AUTO_MAX_NODES}")
+        if not jacobi and not counts["retrieval_depth"] and not counts["recycling"]:
+            raise TreeError(f"{where}: the tree has no draft nodes; give 'jacobi' rank paths (e.g. [[0], [0, 0]]), "
+                            "a 'retrieval_depth' or 'recycling' nodes (or decode without drafts: --method ar)")
         return cls(tuple(tuple(p) for p in jacobi), counts["retrieval_depth"], name=name, recycling=counts["recycling"])
 
     @classmethod
@@ -216,12 +226,13 @@ def _paths_from_parents(nodes: list, where: str) -> tuple[tuple[tuple[int, ...],
         raise TreeError(f"{where}: field 'nodes' must be a list of [parent, rank] pairs")
     parents, ranks = [-1], [None]
     for i, item in enumerate(nodes, start=1):
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and not isinstance(item[0], bool)):
             raise TreeError(f"{where}: nodes[{i - 1}] must be [parent_index, rank]")
         parent, rank = item
         if not 0 <= parent <= len(nodes):
             raise TreeError(f"{where}: nodes[{i - 1}] has parent {parent}, outside 0..{len(nodes)}")
-        if not (rank == "r" or (isinstance(rank, int) and rank >= 0)):
+        if not (rank == "r" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0)):
             raise TreeError(f"{where}: nodes[{i - 1}] rank must be an integer >= 0 or 'r'")
         parents.append(parent)
         ranks.append(rank)
