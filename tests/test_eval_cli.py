@@ -119,3 +119,71 @@ def test_humaneval_hands_off_to_the_evaluator(tiny_dir, tmp_path, capsys, monkey
     assert main([*argv, "--max-new-tokens", "64", "--out", str(out)]) == 0
     assert calls == {"method": "tr-jacobi", "limit": 2, "max_new_tokens": 64, "batch_size": 1}  # one at a time
     assert json.loads(out.read_text())["pass@1"] == 0.5
+
+
+def test_eval_out_never_replaces_a_file_eval_did_not_write(tiny_dir, data_file, tmp_path, capsys):
+    precious = tmp_path / "precious.jsonl"
+    precious.write_bytes(data_file.read_bytes())
+    argv = ["eval", "--model", str(tiny_dir), "--task", "heldout-loss", "--data", str(data_file), "--limit", "1"]
+    assert main([*argv, "--out", str(precious)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "precious.jsonl: exists and is not an msn eval result; choose another --out" in err, err
+    assert precious.read_bytes() == data_file.read_bytes(), "the user's file is untouched"
+    ours = tmp_path / "r.json"
+    assert main([*argv, "--out", str(ours)]) == 0
+    assert main([*argv[:-1], "2", "--out", str(ours)]) == 0  # its own result: replaced
+    assert json.loads(ours.read_text())["samples"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.jsonl", "r.json"], "temp file left behind"
+
+
+def test_heldout_split_of_a_small_file_is_the_record_train_held_out(tiny_dir, tmp_path, capsys):
+    """For a file whose hash split holds out nothing, msn train sets its last record aside: eval scores that."""
+    from helpers import counting_rows, write_jsonl
+
+    rows = counting_rows(5, 10)
+    small, last = write_jsonl(tmp_path / "small.jsonl", rows), write_jsonl(tmp_path / "last.jsonl", rows[-1:])
+
+    def loss(data, split):
+        out = tmp_path / f"{data.stem}-{split}.json"
+        argv = ["eval", "--model", str(tiny_dir), "--task", "heldout-loss", "--data", str(data), "--split", split]
+        assert main([*argv, "--max-length", "128", "--out", str(out)]) == 0, capsys.readouterr().err
+        return json.loads(out.read_text())
+
+    held = loss(small, "heldout")
+    assert held["samples"] == 1 and held["loss"] == loss(last, "all")["loss"]
+
+
+@pytest.mark.parametrize("n, message", [
+    (0, "holds no records"),  # not "0 dropped: no assistant token within max_length"
+    (1, "the heldout split is empty: msn train holds out nothing from a file with fewer than 2"),
+])
+def test_an_empty_split_is_called_empty_not_blamed_on_max_length(n, message, tiny_dir, tmp_path, capsys):
+    from helpers import counting_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", counting_rows(n, 10))
+    argv = ["eval", "--model", str(tiny_dir), "--task", "heldout-loss", "--data", str(data), "--split", "heldout"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and "max_length" not in err, err
+
+
+@pytest.mark.parametrize("task, extra, flag", [
+    ("humaneval", ["--data", "train.jsonl"], "--data"),
+    ("humaneval", ["--split", "all"], "--split"),
+    ("humaneval", ["--max-length", "64"], "--max-length"),
+    ("humaneval", ["--seed", "0"], "--seed"),
+    ("denoise", ["--method", "foo"], "--method"),
+    ("heldout-loss", ["--max-new-tokens", "8"], "--max-new-tokens"),
+    ("heldout-loss", ["--noise-length", "4"], "--noise-length"),  # even at its default value
+    ("agreement", ["--max-length", "64"], "--max-length"),
+])
+def test_a_flag_the_task_does_not_use_is_refused_not_ignored(task, extra, flag, tiny_dir, data_file, monkeypatch,
+                                                             capsys):
+    fake = type(sys)("msn.eval.humaneval")  # were the flag ignored, HumanEval would "run" here, not for real
+    fake.evaluate_humaneval = lambda *a, **k: {"pass@1": 0.0}
+    fake.check_batching = lambda method, batch_size: None
+    monkeypatch.setitem(sys.modules, "msn.eval.humaneval", fake)
+    data = [] if task == "humaneval" or "--data" in extra else ["--data", str(data_file)]
+    rc = main(["eval", "--model", str(tiny_dir), "--task", task, *data, "--limit", "1", *extra])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and f"{flag} is not used by --task {task}" in err, err

@@ -262,6 +262,7 @@ BAD_REQUESTS = [
      "temperature"),
     ("top_p above 1", "completions", {"model": "tiny", "prompt": "x", "top_p": 1.5}, "top_p"),
     ("seed a float", "completions", {"model": "tiny", "prompt": "x", "seed": 1.5}, "seed"),
+    ("seed negative", "completions", {"model": "tiny", "prompt": "x", "seed": -1}, "seed"),
     ("stop a number", "completions", {"model": "tiny", "prompt": "x", "stop": 5}, "stop"),
     ("five stops", "completions", {"model": "tiny", "prompt": "x", "stop": list("abcde")}, "stop"),
     ("empty stop", "completions", {"model": "tiny", "prompt": "x", "stop": [""]}, "stop"),
@@ -287,6 +288,20 @@ def test_bad_requests_get_openai_errors(client, what, path, payload, param):
     kw = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
     r = client.post(f"/v1/{path}", headers={"Content-Type": "application/json"}, **kw)
     assert_openai_error(r, param=param)
+
+
+@pytest.mark.parametrize("raw, param, words", [
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "temperature", "must be a finite number, got nan"),
+    (b'{"model": "tiny", "prompt": "x", "top_p": Infinity}', "top_p", "must be a finite number, got inf"),
+    (b'{"model": "tiny", "prompt": "x", "min_p": -Infinity}', "min_p", "must be a finite number, got -inf"),
+    (b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested too deeply"),
+], ids=["NaN temperature", "Infinity top_p", "-Infinity min_p", "nested 100000 deep"])
+def test_non_finite_numbers_and_deep_nesting_get_a_400_that_says_why(client, raw, param, words):
+    """What Python's json.dumps sends for a NaN, and a body past the recursion limit: the client's fault."""
+    r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(r, 400, param=param)
+    assert words in error["message"], error
+    assert client.post("/v1/completions", json=body(False, max_tokens=2)).status_code == 200
 
 
 def test_routing_errors_are_openai_shaped_and_the_server_keeps_serving(client):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from msn.errors import InputError, MsnError
@@ -13,26 +14,43 @@ from msn.models import DEFAULT_MODEL
 from msn.outputs import atomic_write_text
 
 TASKS = ("denoise", "heldout-loss", "agreement", "humaneval")
+_DATA_TASKS = ("denoise", "heldout-loss", "agreement")
+# flag -> (the tasks that read it, its default). The parser's default is None, so a flag the user gave to a task
+# that does not read it is refused instead of silently ignored.
+TASK_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "data": (_DATA_TASKS, "stdlib-code"),
+    "split": (_DATA_TASKS, None),
+    "method": (("humaneval",), "ar"),
+    "noise_length": (("denoise",), 4),
+    "seed": (("denoise",), 0),
+    "max_length": (("denoise", "heldout-loss"), 512),
+    "max_new_tokens": (("humaneval",), 512),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, local folder (a run's --output) or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--task", required=True, help="denoise | heldout-loss | agreement | humaneval")
-    p.add_argument("--data", default="stdlib-code",
-                   help="denoise / heldout-loss / agreement: built-in name or a JSONL file (see --split)")
+    p.add_argument("--data", default=None,
+                   help="denoise / heldout-loss / agreement: built-in name or a JSONL file (see --split; "
+                        "default stdlib-code)")
     p.add_argument("--split", default=None, choices=["heldout", "all"],
-                   help="which records of --data: heldout (the split msn train leaves out) or all (default: "
+                   help="denoise / heldout-loss / agreement: which records of --data: heldout (the records "
+                        "msn train held out) or all (default: "
                         "heldout for a built-in name, all for a file; use heldout for a file you trained on)")
-    p.add_argument("--method", default="ar", help="humaneval: decoding method (ar, jacobi, retrieval, tr-jacobi)")
+    p.add_argument("--method", default=None,
+                   help="humaneval: decoding method (ar, jacobi, retrieval, tr-jacobi; default ar)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N samples / problems")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
-    p.add_argument("--noise-length", type=int, default=4, help="denoise: noise segment length L (default 4)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sample (longer ones are cut)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="humaneval: generation budget per problem")
+    p.add_argument("--noise-length", type=int, default=None, help="denoise: noise segment length L (default 4)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="denoise / heldout-loss: tokens per sample (longer ones are cut; default 512)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="humaneval: generation budget per problem (default 512)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per forward (default 4); humaneval: problems per batched greedy generate call "
                         "(default 1, one at a time; more needs --method ar)")
-    p.add_argument("--seed", type=int, default=0, help="denoise: seed of the (fixed) evaluation noise")
+    p.add_argument("--seed", type=int, default=None, help="denoise: seed of the (fixed) evaluation noise (default 0)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
 
@@ -57,11 +75,18 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
         from msn.data import iter_records
         from msn.eval.agreement import greedy_agreement
 
-        records = list(islice(iter_records(args.data, split), args.limit))
+        if split == "heldout" and args.data not in BUILTIN_DATASETS:
+            where = set(train_heldout(args, tokenizer, None).sources)
+            records = list(islice((r for r in iter_records(args.data, "all") if r.where in where), args.limit))
+        else:
+            records = list(islice(iter_records(args.data, split), args.limit))
         if not records:
             raise InputError(f"no {split} records to compare with", where=str(args.data))
         return {"split": split, **greedy_agreement(model, tokenizer, records, args.batch_size)}
-    ds = build_dataset(args.data, tokenizer, split, args.max_length, args.limit)
+    if split == "heldout" and args.data not in BUILTIN_DATASETS:
+        ds = train_heldout(args, tokenizer, args.max_length)
+    else:
+        ds = build_dataset(args.data, tokenizer, split, args.max_length, args.limit)
     if args.task == "denoise":
         from msn.eval.denoise import denoise_accuracy
 
@@ -72,6 +97,44 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
 
         res = heldout_loss(model, ds.samples, args.batch_size)
     return {"samples": len(ds), "split": split, **res}
+
+
+def check_has_records(data: str) -> None:
+    """An empty data file is named as such (build_dataset's message would blame max_length for it)."""
+    from msn.data import BUILTIN_DATASETS, iter_records
+
+    if data not in BUILTIN_DATASETS and next(iter_records(data, "all"), None) is None:
+        raise InputError("holds no records; give a JSONL file with at least one conversation", where=data,
+                         field="data")
+
+
+def train_heldout(args: argparse.Namespace, tokenizer, max_length: int | None):
+    """The samples ``msn train`` held out of the file ``args.data``: train's own ``split_dataset``, so a small
+    file whose hash split holds out nothing gives the last records train set aside by hand, as in training."""
+    from msn.data import split_dataset
+
+    # A train-side limit of 1 is enough: that side only decides whether train fell back to its split by hand.
+    _, held = split_dataset(args.data, tokenizer, max_length, 1, args.limit)
+    if held is None:
+        raise InputError("the heldout split is empty: msn train holds out nothing from a file with fewer than 2 "
+                         "usable records (it trains on all of them); use --split all", where=args.data,
+                         field="split")
+    return held
+
+
+def check_out(path: str | os.PathLike) -> None:
+    """``--out`` may replace only a result ``msn eval`` wrote: a slip such as ``--out data.jsonl`` must never
+    destroy the user's file. Recognised by eval's JSON: an object with a known task and the model."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return
+    try:
+        ours = p.stat().st_size < 64 << 20 and json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        ours = False
+    if not (isinstance(ours, dict) and ours.get("task") in TASKS and "model" in ours):
+        raise InputError("exists and is not an msn eval result; choose another --out (or delete the file)",
+                         where=str(p))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -100,6 +163,13 @@ def print_table(results: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.task not in TASKS:
         raise InputError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}", field="task")
+    for name, (tasks, default) in TASK_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.task not in tasks:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} is not used by --task {args.task} (only by {', '.join(tasks)}); drop {flag}",
+                             field=name)
     if args.batch_size is None:  # HumanEval one problem at a time unless asked: batching may flip a near tie
         args.batch_size = 1 if args.task == "humaneval" else 4
     for name in ("noise_length", "max_length", "batch_size", "max_new_tokens"):
@@ -122,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
         from msn.outputs import check_output_file
 
         check_output_file(args.out, "--out")
+        check_out(args.out)
+    if args.task != "humaneval":  # a missing or empty data file, too
+        check_has_records(args.data)
 
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -238,11 +238,14 @@ async def _collect(request: Request, req: p.CompletionRequest, rid: str, created
 
 
 async def _json_body(request: Request):
+    """The decoded body, or a 400: a body nested past Python's recursion limit is the client's fault, not a 500."""
     raw = await request.body()
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise p.bad(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise p.bad("the request body is nested too deeply to parse; send a flatter JSON object") from None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
