@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from msn.bench import runner
-from msn.bench.questions import load_questions, select
+from msn.bench.questions import load_questions, qid_key, select
 from msn.bench.session import answered, check_answer_files
 from msn.bench.stats import (
     answer_choices,
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.answer_question(model, tok, short, m, min(16, args.max_new_tokens), args.tree, eos[n], n,
                                    DecoderState())
     for i, q in enumerate(questions):
-        if json.dumps(q.question_id) in done:
+        if qid_key(q.question_id) in done:
             continue
         order = list(zip(loaded, names, strict=True))
         records = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import statistics
 import sys
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from msn.bench import runner
-from msn.bench.questions import load_questions, select
+from msn.bench.questions import load_questions, qid_key, select
 from msn.bench.session import answered, check_answer_files
 from msn.bench.stats import append_answers, paired, per_question, tokens_per_s, tokens_per_step, write_report
 from msn.decoding import attention
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.answer_question(model, tok, type(q0)(q0.question_id, q0.category, q0.turns[:1]), v.method,
                                    min(16, args.max_new_tokens), None, eos, v.name, v.state())
     for i, q in enumerate(questions):
-        if json.dumps(q.question_id) in done:
+        if qid_key(q.question_id) in done:
             continue
         shift = i % len(variants)
         records = {}

@@ -7,6 +7,7 @@ Spec-Bench (https://github.com/hemingkx/Spec-Bench) keeps its 480 questions in
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ class Question:
     category: str
     turns: tuple[str, ...]
     where: str | None = field(default=None, compare=False)  # ``file:line``, for messages naming the question
+
+
+def qid_key(question_id) -> str:
+    """How answers are matched to questions: by the id's JSON, so 1 and "1" are two questions."""
+    return json.dumps(question_id)
 
 
 def parse_question(obj: object, where: str) -> Question:

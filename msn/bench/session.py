@@ -28,7 +28,7 @@ import torch
 
 from msn.bench import runner
 from msn.bench.plot import plot_speedup
-from msn.bench.questions import Question
+from msn.bench.questions import Question, qid_key
 from msn.bench.summary import BASELINE, answers_path, sampling_text, summarize_dir, write_summary
 from msn.clock import load_average, now
 from msn.decoding.sampling import Sampling
@@ -193,7 +193,7 @@ def answered(path: Path) -> set:
 
 
 def answer_records(path: Path) -> dict[str, tuple[int, dict]]:
-    """Each answered question (by :func:`_qid_key`) -> its line number and record, read as :func:`answered`."""
+    """Each answered question (by :func:`qid_key`) -> its line number and record, read as :func:`answered`."""
     if not path.is_file():
         return {}
     raw = path.read_bytes()
@@ -205,7 +205,7 @@ def answer_records(path: Path) -> dict[str, tuple[int, dict]]:
             continue
         try:
             rec = json.loads(line)
-            records[_qid_key(rec["question_id"])] = (lineno, rec)
+            records[qid_key(rec["question_id"])] = (lineno, rec)
         except (ValueError, KeyError, TypeError):
             if lineno == len(lines):  # no newline after it: the write was cut short
                 with open(path, "r+b") as f:
@@ -230,7 +230,7 @@ def check_answer_files(paths: Sequence[Path], questions: Sequence[Question]) -> 
     for path in paths:
         records = answer_records(path)
         for q in questions:
-            lineno, rec = records.get(_qid_key(q.question_id), (None, None))
+            lineno, rec = records.get(qid_key(q.question_id), (None, None))
             if rec is None:
                 continue
             old_hash = rec.get("question_sha256")
@@ -244,10 +244,6 @@ def check_answer_files(paths: Sequence[Path], questions: Sequence[Question]) -> 
             raise InputError(f"question {q.question_id!r}{now_at} was answered here as another question ({what}); "
                              "pass --overwrite to answer this question file from scratch, or choose another --out",
                              where=f"{path}:{lineno}")
-
-
-def _qid_key(qid) -> str:
-    return json.dumps(qid)
 
 
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> BenchResult:
@@ -282,7 +278,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     atomic_write_text(out / BENCH_FILE, json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
     (out / "answers").mkdir(parents=True, exist_ok=True)
     done_ids = {m: answered(answers_path(out, m)) for m in cfg.methods}
-    todo = [(q, [m for m in cfg.methods if _qid_key(q.question_id) not in done_ids[m]]) for q in cfg.questions]
+    todo = [(q, [m for m in cfg.methods if qid_key(q.question_id) not in done_ids[m]]) for q in cfg.questions]
     todo = [(q, ms) for q, ms in todo if ms]
     if mode == "resume":
         kept = len(cfg.questions) - len(todo)

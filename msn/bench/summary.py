@@ -23,6 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from msn.bench.questions import qid_key
 from msn.errors import InputError
 
 BASELINE = "ar"
@@ -183,8 +184,8 @@ def summarize_dir(out_dir: str | os.PathLike, methods: Sequence[str], baseline: 
     run's selection: the folder may hold answers to questions an earlier run selected)."""
     answers = {m: read_answers(answers_path(out_dir, m)) for m in methods}
     if question_ids is not None:
-        wanted = {json.dumps(q) for q in question_ids}  # 1 and "1" are two questions
-        answers = {m: [r for r in recs if json.dumps(r.get("question_id")) in wanted] for m, recs in answers.items()}
+        wanted = {qid_key(q) for q in question_ids}
+        answers = {m: [r for r in recs if qid_key(r.get("question_id")) in wanted] for m, recs in answers.items()}
     return summarize(answers, baseline, meta)
 
 
