@@ -8,6 +8,7 @@ leaves half a file where a whole one was.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -69,6 +70,22 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise InputError(f"{base} is a file, so {p} cannot be created; choose another {flag}")
     _probe(base, flag, base)
     return p
+
+
+SMALL_JSON_BYTES = 64 << 20  # files msn writes as "its own" JSON are far smaller
+
+
+def read_small_json(path: str | os.PathLike):
+    """The JSON in ``path``, or None when it is missing, unreadable, not JSON or larger than any file msn would
+    write: used to ask "did msn write this file?" before replacing it, without reading a user's 10 GB dataset
+    that ``--out`` names by mistake."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > SMALL_JSON_BYTES:
+            return None
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -25,6 +25,7 @@ from msn.decoding.costs import measure_forward, remeasure
 from msn.decoding.packed import resolve_pack
 from msn.decoding.tree import TREE_PRESETS, TreeTemplate, resolve_tree
 from msn.errors import InputError
+from msn.outputs import read_small_json
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
@@ -212,22 +213,15 @@ def tune(model, tokenizer, prompts: Sequence[str], start: TreeTemplate, name: st
     return tree, report
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _is_tuned_tree(path: Path) -> bool:
     """A tree this command wrote: a template whose name it gave (``tuned-...``) and no field it does not write."""
-    data = _read_json(path)
+    data = read_small_json(path)
     return (isinstance(data, dict) and str(data.get("name", "")).startswith("tuned-")
             and set(data) <= {"name", "jacobi", "retrieval_depth", "retrieval", "recycling"})
 
 
 def _is_report(path: Path) -> bool:
-    data = _read_json(path)
+    data = read_small_json(path)
     return isinstance(data, dict) and {"costs_s", "node_acceptance", "tree"} <= set(data)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL
-from msn.outputs import atomic_write_text
+from msn.outputs import atomic_write_text, read_small_json
 
 TASKS = ("denoise", "heldout-loss", "agreement", "humaneval")
 _DATA_TASKS = ("denoise", "heldout-loss", "agreement")
@@ -100,7 +100,7 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
 
 
 def check_has_records(data: str) -> None:
-    """An empty data file is named as such (build_dataset's message would blame max_length for it)."""
+    """A missing or empty data file is named before the model loads (build_dataset would say so only after)."""
     from msn.data import BUILTIN_DATASETS, iter_records
 
     if data not in BUILTIN_DATASETS and next(iter_records(data, "all"), None) is None:
@@ -128,10 +128,7 @@ def check_out(path: str | os.PathLike) -> None:
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         return
-    try:
-        ours = p.stat().st_size < 64 << 20 and json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        ours = False
+    ours = read_small_json(p)
     if not (isinstance(ours, dict) and ours.get("task") in TASKS and "model" in ours):
         raise InputError("exists and is not an msn eval result; choose another --out (or delete the file)",
                          where=str(p))
