@@ -98,11 +98,10 @@ def build_dataset(
 
     Raises ``InputError`` when nothing is left (every record filtered out, or an empty file).
     """
-    samples, sources, dropped, too_long, seen = [], [], 0, 0, 0
+    samples, sources, dropped, too_long = [], [], 0, 0
     for rec in iter_records(spec, split):
         if limit is not None and len(samples) >= limit:
             break
-        seen += 1
         try:
             sample = tokenize_messages(tokenizer, rec.messages, max_length, rec.where)
         except InputError:
@@ -121,8 +120,8 @@ def build_dataset(
             continue
         samples.append(sample)
         sources.append(rec.where)
-    if not samples:
-        raise InputError(_no_samples(spec, split, seen, too_long, max_length), where=str(spec))
+    if not samples:  # then every record read was dropped
+        raise InputError(_no_samples(spec, split, dropped, too_long, max_length), where=str(spec))
     return TokenizedDataset(samples, str(spec), True, dropped, sources)
 
 
