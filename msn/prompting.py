@@ -59,8 +59,87 @@ def encode_text(tokenizer, text: str, special_tokens: bool = False) -> torch.Ten
 
 
 def encode_chat(tokenizer, messages: Sequence[dict[str, str]]) -> torch.Tensor:
-    """Prompt ids [1, L] for a chat, as every msn command sends it."""
-    return encode_text(tokenizer, chat_text(tokenizer, messages))
+    """Prompt ids [1, L] for a chat, as every msn command sends it. Message content is text: a control token's
+    string in it (``<|im_end|>`` typed into a message) is encoded as the characters it is, never as the token,
+    so a message cannot close its turn and forge another (OpenAI's API encodes it so too)."""
+    text = chat_text(tokenizer, messages)
+    controls = control_strings(tokenizer)
+    if not any(c in m["content"] for m in messages for c in controls):
+        return encode_text(tokenizer, text)  # the common case: exactly the plain encoding
+    return _encode_plain_contents(tokenizer, messages, text, controls)
+
+
+def control_strings(tokenizer) -> list[str]:
+    """The strings a tokenizer turns into special tokens (longest first, as it matches them)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found.update(t.content for t in decoder.values() if getattr(t, "special", False))
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def _encode_plain_contents(tokenizer, messages: Sequence[dict[str, str]], text: str,
+                           controls: Sequence[str]) -> torch.Tensor:
+    """Encode ``text`` (the rendered chat) with special tokens only where the template put them: the text
+    is cut at the template's control strings (as a tokenizer cuts at every one) and each piece between them,
+    message content included, is encoded with special-token matching off."""
+    spans = _template_controls(tokenizer, messages, text, controls)
+    ids: list[int] = []
+    at = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        if start > at:
+            ids += tokenizer(text[at:start], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if end > start:
+            ids.append(int(tokenizer.convert_tokens_to_ids(text[start:end])))
+        at = end
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _template_controls(tokenizer, messages: Sequence[dict[str, str]], text: str,
+                       controls: Sequence[str]) -> list[tuple[int, int]]:
+    """(start, end) in ``text`` of every control string the template wrote (none from a message's content).
+
+    The chat is rendered once more with a unique marker for each content; the template's own text is what
+    lies between the markers. A template that changes content (other than trimming it) cannot be mapped so,
+    and a control string in such content is refused rather than risked."""
+    import secrets
+
+    from msn.errors import MsnError
+
+    tag = secrets.token_hex(8)
+    markers = [f"MSNCONTENT{tag}N{i}E" for i in range(len(messages))]
+    marked = chat_text(tokenizer, [{**m, "content": k} for m, k in zip(messages, markers, strict=True)])
+    pieces, rest = [], marked
+    for k in markers:
+        before, found, rest = rest.partition(k)
+        if not found or k in rest:
+            pieces = None
+            break
+        pieces.append(before)
+    if pieces is not None:
+        pieces.append(rest)
+        for contents in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+            if "".join(p + c for p, c in zip(pieces, [*contents, ""], strict=True)) == text:
+                spans, offset = [], 0
+                for piece, content in zip(pieces, [*contents, ""], strict=True):
+                    spans += [(offset + s, offset + e) for s, e in _find_controls(piece, controls)]
+                    offset += len(piece) + len(content)
+                return spans
+    raise MsnError("a message contains a control token's text (e.g. "
+                   f"{next(c for c in controls if any(c in m['content'] for m in messages))!r}) and this model's chat "
+                   "template changes message text, so it cannot be encoded as plain text; remove it from the message")
+
+
+def _find_controls(text: str, controls: Sequence[str]) -> list[tuple[int, int]]:
+    """Non-overlapping occurrences of ``controls`` in ``text``, left to right, longest first at each place."""
+    spans, i = [], 0
+    while i < len(text):
+        hit = next((c for c in controls if text.startswith(c, i)), None)
+        if hit is None:
+            i += 1
+            continue
+        spans.append((i, i + len(hit)))
+        i += len(hit)
+    return spans
 
 
 def encode_prompt(tokenizer, text: str, raw: bool = False) -> torch.Tensor:
