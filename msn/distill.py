@@ -30,6 +30,7 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None
 
+from msn.bench.flags import add_quantize_argument
 from msn.clock import now
 from msn.errors import InputError, MsnError
 
@@ -326,6 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: %(default)s)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_quantize_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -344,23 +346,27 @@ def _check(args) -> None:
 def run(args) -> int:
     import torch
 
+    from msn.bench.flags import check_quantize_flag
     from msn.bench.session import pick_device
     from msn.models import load_model, resolve_model
     from msn.outputs import check_output_file
 
     _check(args)
+    quantize = check_quantize_flag(args, pick_device(args.device))
     out = check_output_file(args.out)
     if meta_path(out).exists() and meta_path(out).is_dir():
         raise InputError("is a folder; distill writes its sidecar there", where=str(meta_path(out)))
     settings = {"model": args.model, "model_path": resolve_model(args.model), "prompts": args.prompts,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
                 "dtype": args.dtype, "batch_size": args.batch_size, "decoding": "greedy"}
+    if quantize != "none":  # absent for float: files distilled before --quantize resume as before
+        settings["quantize"] = quantize
     plan_out(out, settings)  # refuse a foreign file or other settings before loading anything
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     with exclusive(out):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, quantize=quantize)
         counts = distill(model, tokenizer, args.prompts, out, settings, args.limit, args.batch_size)
     print(f"{out}: {counts['answered']} of {counts['prompts']} prompts answered "
           f"({counts['skipped_long_prompts']} too long skipped); sidecar {meta_path(out)}")

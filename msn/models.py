@@ -254,18 +254,40 @@ def load_model(
     dtype: str | torch.dtype | None = "fp32",
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    quantize: str = "none",
 ):
     """Load ``(model, tokenizer)`` from a preset, a local folder (also a LoRA adapter folder) or a hub id.
 
+    ``quantize="int4"``: Linear layers (LM head included) with 4-bit weights on the CPU (msn.int4); a preset's
+    codes come from its GGUF blocks, another model's are rounded from its float weights in groups of 32.
+
     A folder that cannot be loaded (no tokenizer, a corrupt weights file, ...) raises ``MsnError``: one line."""
+    from msn.int4 import check_quantize
+
     torch_dtype = parse_dtype(dtype)
     check_device(device)
+    quantize = check_quantize(quantize, device, torch_dtype)
     path = resolve_model(name_or_path)
     loaded = _load(path, torch_dtype, device, attn_implementation)
+    if quantize == "int4":
+        _quantize_int4(loaded[0], str(name_or_path))
     # After the load, not before: a model that fails to load gets its one error line and no notice beside it.
     if torch_dtype == torch.bfloat16 and str(device).startswith("cpu") and cpu_has_native_bf16() is False:
         warn_emulated_bf16()
     return loaded
+
+
+def _quantize_int4(model, name: str) -> None:
+    """A preset: the 4-bit codes of its GGUF file (its published weights); any other model: rounded from float."""
+    from msn.int4 import quantize_model
+
+    if name not in PRESETS:
+        quantize_model(model)
+        return
+    from msn.gguf_int4 import joined_gguf, quantize_from_gguf
+
+    with joined_gguf(gguf_parts(PRESETS[name])) as gguf:
+        quantize_from_gguf(model, gguf)
 
 
 def _load(path: str, torch_dtype: torch.dtype, device, attn_implementation: str):

@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.flags import BENCH_SEED_HELP, add_sampling_arguments, check_run_flags, sampling_settings
+from msn.bench.flags import (
+    BENCH_SEED_HELP,
+    add_quantize_argument,
+    add_sampling_arguments,
+    check_quantize_flag,
+    check_run_flags,
+    sampling_settings,
+)
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS
 from msn.bench.session import BenchConfig, command_line, run_bench
 from msn.bench.summary import print_report
@@ -30,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {','.join(DEFAULT_METHODS)}); speedups are relative to ar")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_quantize_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default: 128)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--limit", type=int, default=None, help="first K questions (after --categories)")
@@ -48,8 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> tuple[list[qs.Question], list[str]]:
     """Every user error, before any model is loaded."""
+    from msn.bench.session import pick_device
+
     methods = check_run_flags(args)
     sampling_settings(args)
+    check_quantize_flag(args, pick_device(args.device))
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = qs.select(qs.load_questions(args.questions), categories, args.limit, args.per_category)
     return questions, methods
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=args.warmup,
         command=command_line(), threads=args.threads, overwrite=args.overwrite, sampling=sampling_settings(args),
+        quantize=args.quantize,
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.flags import BENCH_SEED_HELP, add_sampling_arguments, check_run_flags, sampling_settings
+from msn.bench.flags import (
+    BENCH_SEED_HELP,
+    add_quantize_argument,
+    add_sampling_arguments,
+    check_quantize_flag,
+    check_run_flags,
+    sampling_settings,
+)
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, sampling_record
 from msn.bench.session import BenchConfig, command_line, run_bench
 from msn.bench.summary import print_report, sampling_text
@@ -24,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, folder or checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_quantize_argument(p)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated from {', '.join(BENCH_METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default: 96)")
@@ -40,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_settings(args)
     from msn.bench.session import check_bench_out, pick_device
 
-    pick_device(args.device)
+    check_quantize_flag(args, pick_device(args.device))
     check_bench_out(Path(args.out))  # before the banner: a bad input is the only line printed
     questions = qs.demo_questions(args.limit)
     print(f"msn demo: {len(questions)} prompts x {len(methods)} methods ({', '.join(methods)}) on {args.model}, "
@@ -50,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, questions=questions, methods=methods, out=Path(args.out), dtype=args.dtype,
         device=args.device, max_new_tokens=args.max_new_tokens, tree=args.tree, warmup=1,
         command=command_line(), threads=args.threads, overwrite=args.overwrite, sampling=sampling,
-        leave_out="stop before it with --limit",
+        leave_out="stop before it with --limit", quantize=args.quantize,
     )
     result = run_bench(cfg)
     print_report(result.summary, result.out)

@@ -49,6 +49,25 @@ def check_run_flags(args: argparse.Namespace) -> list[str]:
     return methods
 
 
+QUANTIZE_CHOICES = ("none", "int4")  # msn.int4.QUANTIZE, kept here so --help imports no torch (a test ties them)
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    """``--quantize``, the same on every command that loads a model."""
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="int4: Linear layers (LM head included) with 4-bit weights on the CPU, a third of bf16's "
+                        "bytes per step; a preset runs its own GGUF codes, another model is rounded in groups of "
+                        "32; layers left in float are named (default: none)")
+
+
+def check_quantize_flag(args: argparse.Namespace, device: str) -> str:
+    """``--quantize`` against the (resolved) device and ``--dtype``: one line before any model loads."""
+    from msn.int4 import check_quantize
+    from msn.models import parse_dtype
+
+    return check_quantize(getattr(args, "quantize", "none"), device, parse_dtype(args.dtype))
+
+
 BENCH_SEED_HELP = ("each question's (each turn's) seed derives from it, the same for every method, so for a seed "
                    "msn's methods give the same text (default: 0)")
 

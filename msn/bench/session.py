@@ -39,7 +39,7 @@ from msn.outputs import atomic_write_text, check_output_dir
 
 BENCH_FILE = "bench.json"  # the settings of the run that owns the folder; written before any answer
 REPORT_FILES = ("summary.json", "summary.md", "speedup.png")
-SETTINGS = ("model", "dtype", "device", "max_new_tokens", "tree", "sampling")
+SETTINGS = ("model", "dtype", "device", "max_new_tokens", "tree", "sampling", "quantize")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class BenchConfig:
     overwrite: bool = False  # replace the bench in ``out`` instead of resuming it
     sampling: Sampling | None = None  # None: greedy
     leave_out: str = runner.LEAVE_OUT  # how the user skips a question that does not fit the context
+    quantize: str = "none"  # "int4": 4-bit Linear layers on the CPU (msn.int4)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def device_name(device: str) -> str:
 def _load(cfg: BenchConfig, device: str):
     from msn.models import load_model
 
-    return load_model(cfg.model, dtype=cfg.dtype, device=device)
+    return load_model(cfg.model, dtype=cfg.dtype, device=device, quantize=cfg.quantize)
 
 
 def _model_key(model: str) -> str:
@@ -100,7 +101,7 @@ def _model_key(model: str) -> str:
 
 def bench_settings(cfg: BenchConfig, device: str, tree: TreeTemplate) -> dict:
     return {"model": cfg.model, "dtype": cfg.dtype, "device": device, "max_new_tokens": cfg.max_new_tokens,
-            "tree": tree.to_dict(), "sampling": runner.sampling_record(cfg.sampling)}
+            "tree": tree.to_dict(), "sampling": runner.sampling_record(cfg.sampling), "quantize": cfg.quantize}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -109,6 +110,8 @@ def _differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key), new.get(key)
         if key == "tree":
             a, b = _tree_record(a), _tree_record(b)
+        if key == "quantize":  # a bench recorded before --quantize existed was float
+            a, b = a or "none", b or "none"
         if key == "sampling":  # a bench recorded before sampling existed was greedy: None
             diffs += _sampling_differences(a, b)
             continue
@@ -287,6 +290,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     meta = {
         "model": cfg.model,
         "dtype": cfg.dtype,
+        "quantize": cfg.quantize,
         "device": device,
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from msn.bench.flags import add_quantize_argument
 from msn.decoding.costs import measure_forward, remeasure
 from msn.decoding.packed import resolve_pack
 from msn.decoding.tree import TREE_PRESETS, TreeTemplate, resolve_tree
@@ -236,8 +237,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="preset, folder or checkpoint (default: smollm2-135m)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    p.add_argument("--out", default=None, help="tree JSON to write (default: tree-<model>-<dtype>.json), next to "
-                   "its <name>.measure.json; an existing file is replaced only if tune-tree wrote it")
+    add_quantize_argument(p)
+    p.add_argument("--out", default=None, help="tree JSON to write (default: tree-<model>-<dtype>[-int4].json), "
+                   "next to its <name>.measure.json; an existing file is replaced only if tune-tree wrote it")
     p.add_argument("--start-tree", default="official-68",
                    help="large static tree whose nodes are measured: a preset or a tree JSON file (default: "
                         "official-68)")
@@ -250,7 +252,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msn.bench.flags import at_least
+    from msn.bench.flags import at_least, check_quantize_flag
     from msn.bench.questions import demo_questions
     from msn.bench.session import pick_device
     from msn.models import load_model, parse_dtype
@@ -262,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise InputError("--sizes must list token counts >= 1")
     at_least(args, {"prompts": 1, "max_new_tokens": 1, "past": 1, "repeats": 1, "threads": 1})
-    out = Path(args.out or f"tree-{Path(args.model).name}-{args.dtype}.json")
+    quantize = check_quantize_flag(args, pick_device(args.device))
+    weights = args.dtype if quantize == "none" else f"{args.dtype}-{quantize}"
+    out = Path(args.out or f"tree-{Path(args.model).name}-{weights}.json")
     from msn.outputs import atomic_write_text, check_output_file
 
     report_path = out.with_name(out.stem + ".measure.json")
@@ -280,9 +284,9 @@ def run(args: argparse.Namespace) -> int:
     if start.recycling:
         raise InputError(f"--start-tree {args.start_tree!r} has {start.recycling} recycling nodes, which tune-tree "
                          "does not measure; give a tree without 'recycling'")
-    name = f"tuned-{Path(args.model).name}-{args.dtype}-{device}"
+    name = f"tuned-{Path(args.model).name}-{weights}-{device}"
     prompts = [q.turns[0] for q in demo_questions()[: args.prompts]]
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, quantize=quantize)
     tree, report = tune(model, tokenizer, prompts, start, name, sizes, args.past, args.repeats,
                         args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
     atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")  # atomic: never half a file

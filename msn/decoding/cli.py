@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from msn.bench.flags import add_sampling_arguments, sampling_kwargs
+from msn.bench.flags import add_quantize_argument, add_sampling_arguments, sampling_kwargs
 from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
 
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_quantize_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
@@ -71,7 +72,7 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from msn.bench.flags import at_least
+    from msn.bench.flags import at_least, check_quantize_flag
     from msn.bench.session import pick_device
     from msn.decoding.engine import generate
     from msn.decoding.tree import resolve_tree
@@ -81,11 +82,12 @@ def run(args) -> int:
     text = _read_prompt(args)
     at_least(args, {"max_new_tokens": 1, "threads": 1})
     device = pick_device(args.device)
+    quantize = check_quantize_flag(args, device)
     tree = resolve_tree(args.tree, torch.device(device), parse_dtype(args.dtype))  # as bench; fails before loading
     sampling = sampling_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=device, quantize=quantize)
     if args.chat and not getattr(tok, "chat_template", None):
         raise MsnError(f"model {args.model!r} has no chat template: drop --chat (the text is then sent as is)")
     ids = encode_prompt(tok, text, raw=args.raw).to(device)

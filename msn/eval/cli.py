@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from msn.bench.flags import add_quantize_argument
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL
 from msn.outputs import atomic_write_text, read_small_json
@@ -53,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="denoise: seed of the (fixed) evaluation noise (default 0)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    add_quantize_argument(p)
 
 
 def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
@@ -181,10 +183,12 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "denoise" and args.noise_length >= args.max_length:
         raise InputError(f"--noise-length {args.noise_length} does not fit in --max-length {args.max_length} tokens; "
                          "use a noise length below the max length", field="noise_length")
+    from msn.bench.flags import check_quantize_flag
     from msn.models import check_device, load_model, parse_dtype
 
     parse_dtype(args.dtype)
     check_device(args.device)
+    quantize = check_quantize_flag(args, args.device)
     if args.out:  # before the model loads: a bad --out must not cost an evaluation
         from msn.outputs import check_output_file
 
@@ -194,12 +198,14 @@ def run(args: argparse.Namespace) -> int:
         check_has_records(args.data)
 
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, quantize=quantize)
     except MsnError:
         raise
     except (OSError, ValueError) as e:
         raise InputError(str(e).splitlines()[0], where=args.model, field="model") from None
     results = {"task": args.task, "model": args.model}
+    if quantize != "none":  # the int4 model's quality is a different number from its float weights'
+        results["quantize"] = quantize
     if args.task != "humaneval":
         results["data"] = args.data
     else:

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 
+from msn.bench.flags import add_quantize_argument
 from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default=None, help=TREE_HELP)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_quantize_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--queue-size", type=int, default=16,
@@ -95,6 +97,7 @@ def run(args) -> int:
         import uvicorn
     except ImportError as e:
         raise MsnError(f"msn serve needs {e.name}: pip install fastapi uvicorn") from None
+    from msn.bench.flags import check_quantize_flag
     from msn.bench.session import pick_device
     from msn.decoding.tree import resolve_tree
     from msn.models import load_model, parse_dtype
@@ -104,10 +107,11 @@ def run(args) -> int:
     api_key = args.api_key if args.api_key is not None else (os.environ.get("MSN_API_KEY") or None)
     _check_bind(args.host, args.port)
     device = pick_device(args.device)
+    quantize = check_quantize_flag(args, device)
     tree = resolve_tree(args.tree, torch.device(device), parse_dtype(args.dtype))  # fails before loading
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=device, quantize=quantize)
     name = args.served_name or args.model
     app = create_app(model, tok, model_id=name, method=args.method, tree=tree, queue_size=args.queue_size,
                      api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile)
