@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, tiny_model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -46,6 +47,42 @@ def test_calls_it_does_not_cover_go_to_transformers(monkeypatch):
     assert len(calls) == 4
     assert attention.gqa_sdpa_forward(Grouped(), q, k, k, mask)[0].shape == (1, 1, 6, 16)
 
+
+
+@pytest.mark.parametrize("past", [3, 130, 900])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_a_bf16_one_token_step_attends_as_rows_with_the_same_result(past, with_mask, monkeypatch):
+    """One query row in bf16 takes the rows path (torch's kernel is slow there): the same numbers as
+    transformers' own sdpa attention, with the model's mask or with none (a plain step)."""
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape) or real(q, *a, **kw))
+    gen = torch.Generator().manual_seed(past)
+    q = torch.randn(1, 6, 1, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, past, 16, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.zeros(1, 1, 1, past, dtype=torch.bfloat16) if with_mask else None
+    if with_mask:
+        mask[..., : past // 3] = torch.finfo(torch.bfloat16).min  # a masked span: the mask must still apply
+    ours, _ = attention.gqa_sdpa_forward(Grouped(), q, k, v, mask, scaling=0.25)
+    assert calls == [(1, 2, 3, 16)], "the three query heads of each key/value head are one block of rows"
+    theirs, _ = sdpa_attention_forward(Grouped(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (1, 1, 6, 16)
+    torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=1e-2)
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=None if mask is None
+                                               else mask.float(), scale=0.25, enable_gqa=True).transpose(1, 2)
+    assert (ours.float() - reference).abs().max() <= (theirs.float() - reference).abs().max() + 1e-2
+
+
+def test_fp32_and_multi_token_steps_keep_their_paths(monkeypatch):
+    calls = []
+    monkeypatch.setattr("transformers.integrations.sdpa_attention.sdpa_attention_forward",
+                        lambda *a, **kw: calls.append(kw) or ("theirs", None))
+    k = torch.randn(1, 2, 4, 16)
+    assert attention.gqa_sdpa_forward(Grouped(), torch.randn(1, 6, 1, 16), k, k, None)[0] == "theirs"
+    kb = k.bfloat16()
+    assert attention.gqa_sdpa_forward(Grouped(), torch.randn(1, 6, 2, 16).bfloat16(), kb, kb, None)[0] == "theirs"
+    assert len(calls) == 2
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_installed_for_one_request_and_only_where_heads_are_grouped(family, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from msn.decoding.costs import (
     monotone,
 )
 from msn.decoding.engine import decoder_state
+from msn.decoding.trie import choose_size
 from msn.outputs import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------------
@@ -36,7 +38,8 @@ def test_interpolation_and_extrapolation():
     assert len(lat.curve(10)) == 11
     assert Latency({1: 0.5}).predict(7) == 0.5, "a single point: constant"
     assert Latency({1: 0.5, 2: 5.0}).predict(0) == pytest.approx(1e-9), "never zero or negative"
-    assert lat.to_dict() == {"sizes": [0, 4, 8], "seconds": [1.0, 2.0, 4.0], "source": "measured"}
+    assert lat.to_dict() == {"version": costs.VERSION, "sizes": [0, 4, 8], "seconds": [1.0, 2.0, 4.0],
+                             "source": "measured", "past": costs.PAST, "slope_sizes": [0], "slopes": [0.0]}
 
 
 def test_measured_points_are_made_non_decreasing():
@@ -201,27 +204,27 @@ def test_load_or_measure_writes_then_reuses_the_cache(tmp_path, monkeypatch):
 
     def spy(model, sizes, *args, **kwargs):
         calls.append(list(sizes))
-        return real(model, sizes, past=16, repeats=1)
+        return real(model, sizes, past=kwargs.get("past", 16), repeats=1, warmup=0.0)
 
     monkeypatch.setattr(costs, "measure_forward", spy)
     model = tiny_model("llama")
     path = latency_path(model)
     assert path.parent == tmp_path / "latency" and not path.exists()
     first = load_or_measure(model)
-    assert calls == [[n + 1 for n in GRID]], "the root plus n tree tokens"
+    assert calls == [[n + 1 for n in GRID], [n + 1 for n in costs.LONG_GRID]], "the root plus n tree tokens"
     assert first.sizes == list(GRID) and all(s > 0 for s in first.seconds)
     data = json.loads(path.read_text())
     assert data["sizes"] == list(GRID) and data["seconds"] == first.seconds
     assert not list(path.parent.glob("*.tmp")), "written atomically"
     # reused: no measurement, same curve; the same shapes with other weights share it
     again = load_or_measure(tiny_model("llama", seed=7))
-    assert len(calls) == 1 and again.seconds == first.seconds and again.source == str(path)
+    assert len(calls) == 2 and again.seconds == first.seconds and again.source == str(path)
     # another dtype is another key; a corrupt file is measured again
     assert cache_key(tiny_model("llama", dtype=torch.bfloat16)) != cache_key(model)
     assert cache_key(tiny_model("qwen2")) != cache_key(model)
     path.write_text("{not json")
     load_or_measure(model)
-    assert len(calls) == 2 and json.loads(path.read_text())["sizes"] == list(GRID)
+    assert len(calls) == 4 and json.loads(path.read_text())["sizes"] == list(GRID)
 
 
 def quick_measurements(tmp_path, monkeypatch, busy: bool) -> None:
@@ -230,7 +233,8 @@ def quick_measurements(tmp_path, monkeypatch, busy: bool) -> None:
     monkeypatch.setattr(costs, "_busy", lambda: busy)
     real = costs.measure_forward
     monkeypatch.setattr(costs, "measure_forward", lambda model, sizes, **kw: real(model, sizes, past=16, repeats=1,
-                                                                            packed=kw.get("packed", False)))
+                                                                            packed=kw.get("packed", False),
+                                                                            warmup=0.0))
 
 
 def test_a_busy_cpu_measurement_is_not_cached(tmp_path, monkeypatch):
@@ -255,3 +259,60 @@ def test_auto_tree_measures_once_and_refines_online(tmp_path, monkeypatch):
     assert all(0 <= n <= latency.max_nodes for n in out.tree_sizes)
     ref = msn.generate(model, ids, max_new_tokens=12, method="ar", eos_token_id=[])
     assert torch.equal(out.sequences, ref.sequences)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The past term, the step's own work, and what is said about a re-measurement
+
+
+def test_the_curve_grows_with_the_past_as_measured_at_two_cache_lengths():
+    base = {0: 0.010, 4: 0.012, 16: 0.020}
+    long = {0: 0.011, 16: 0.040}  # at 1024 past: one token +1 ms, a 16-node tree +20 ms
+    lat = Latency.from_measurements(base, long, long_past=1024)
+    assert lat.predict(16) == pytest.approx(0.020) and lat.predict(16, past=costs.PAST) == pytest.approx(0.020)
+    assert lat.predict(16, past=1024) == pytest.approx(0.040)
+    assert lat.predict(0, past=1024) == pytest.approx(0.011)
+    assert lat.predict(8, past=1024) == pytest.approx(0.012 + 0.008 / 3 + (0.001 + 0.020) / 2), "slopes interpolated"
+    assert lat.predict(16, past=2048) == pytest.approx(0.020 + 2 * 0.020 * (2048 - 128) / (2 * (1024 - 128))), \
+        "linear beyond the measured past"
+    assert lat.predict(16, past=0) >= 0.5 * lat.predict(16), "a short cache never makes a forward nearly free"
+    # a wide tree pays more per past token than a narrow one: on a long prompt the best tree is smaller
+    short_q, t_short, t_long = [0.9] * 4 + [0.3] * 12, lat.curve(16), lat.curve(16, past=4096)
+    assert choose_size(short_q, t_long) < choose_size(short_q, t_short)
+    assert Latency.from_dict(lat.to_dict()).predict(16, past=1024) == pytest.approx(0.040), "cached with its slopes"
+
+
+def test_the_steps_own_work_enters_the_choice_but_not_the_drift():
+    lat = Latency({0: 0.010, 8: 0.011, 16: 0.020})
+    for _ in range(300):
+        lat.observe(8, 0.011, costs.PAST, step_seconds=0.016)  # the forward as measured, 5 ms around it
+    assert lat.overhead == pytest.approx(0.005, rel=0.01) and lat.drift == pytest.approx(1.0)
+    assert not lat.stale and lat.curve(8)[8] == pytest.approx(0.016, rel=0.01)
+    # with a fixed cost per step, more drafts per forward pay off sooner
+    q = [0.2] * 16
+    assert choose_size(q, lat.curve(16)) >= choose_size(q, [lat.predict(n) for n in range(17)])
+
+
+def test_a_curve_from_an_older_msn_is_measured_again(tmp_path, monkeypatch):
+    quick_measurements(tmp_path, monkeypatch, busy=False)
+    model = tiny_model("llama")
+    path = latency_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"sizes": list(GRID), "seconds": [10.0] * len(GRID), "source": "old"}))
+    fresh = load_or_measure(model)
+    assert max(fresh.seconds) < 10.0 and json.loads(path.read_text())["version"] == costs.VERSION
+
+
+def test_a_re_measurement_is_announced_once_per_curve_and_process(tmp_path, monkeypatch, caplog):
+    quick_measurements(tmp_path, monkeypatch, busy=False)
+    monkeypatch.setattr(costs, "_ANNOUNCED", set())
+    model = tiny_model("llama")
+    lat = Latency({n: 10.0 for n in GRID}, path=tmp_path / "curve.json")
+    with caplog.at_level(logging.INFO, logger="msn"):
+        for _ in range(costs.MAX_GENERATIONS):
+            for _ in range(costs.DRIFT_MIN_STEPS + 50):
+                lat.observe(4, 1000.0 * lat.predict(4))
+            fresh = costs.for_next_request(lat, model)
+            fresh.path, lat = tmp_path / "curve.json", fresh
+    said = [r for r in caplog.records if "measuring it again" in r.getMessage()]
+    assert len(said) == 1 and lat.generation == costs.MAX_GENERATIONS

@@ -134,3 +134,30 @@ def test_bench_unpacked_suffix_runs_without_packing(monkeypatch):
     assert len(installs) == 1
     unpacked = run_turn(model, tok, "tr-jacobi+unpacked", PROMPT, 16, "cpu-bf16-16", [2])
     assert len(installs) == 1 and unpacked.text == packed.text and unpacked.steps == packed.steps
+
+
+def test_a_measurement_inside_a_request_uses_the_requests_packing(tmp_path, monkeypatch):
+    """The t(n) curve a request sizes its trees with is measured inside that request: a second packing there
+    found every layer taken and measured the unpacked path (1.4x slower than the steps, results §20)."""
+    from msn.decoding import costs
+
+    monkeypatch.setenv("MSN_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "_busy", lambda: False)
+    model = tiny_model("llama")
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with packing(model, True) as outer:
+        with packing(model, True) as inner:
+            assert inner is outer, "re-entrant: the request's own packing"
+        assert all("forward" in m.__dict__ for m in layers), "the inner exit leaves the request's packing"
+        seen = []
+        real = packed_mod.Packing._forward
+
+        def spy(self, layer, weight):
+            fn = real(self, layer, weight)
+            return lambda x: seen.append(self.on) or fn(x)
+
+        monkeypatch.setattr(packed_mod.Packing, "_forward", spy)
+        outer.install()  # reinstall through the spy
+        costs.measure_forward(model, [1, 3], past=8, repeats=1, packed=True, warmup=0.0)
+        assert seen and any(seen), "tree forwards of the measurement ran packed"
+    assert not any("forward" in m.__dict__ for m in layers)

@@ -6,8 +6,9 @@ back to the math kernel with a mask and grouped heads. Every tree step passes a 
 a long prompt a tree step pays that copy where a one-token step (no mask) does not. On a CPU torch's own SDPA
 takes grouped heads and a mask together (``enable_gqa``): 1.7-3.3x faster per layer at a 900-token cache
 (docs/results.md §17). Installed for one request like the packed weights, and only where it is the same
-computation: an ``sdpa`` model with grouped heads, on a CPU; any call with dropout, a soft cap, sinks, a
-position bias or no mask goes to transformers' function unchanged.
+computation: an ``sdpa`` model with grouped heads, on a CPU; any call with dropout, a soft cap, sinks or a
+position bias goes to transformers' function unchanged, and so does a multi-token call without a mask. A
+one-token bf16 step takes :func:`one_query_attention` (torch's kernel is slow for one query row).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 NAME = "msn_gqa_sdpa"
 enabled = True  # a process-wide switch, for A/B runs (benchmarks/paired_variants.py: attention.enabled=False)
 _UNSUPPORTED = ("softcap", "sinks", "s_aux", "output_attentions")
+ROWS_DTYPES = (torch.bfloat16, torch.float16)  # one query row is slow there; fp32 is not (§20)
 
 
 def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -30,13 +32,33 @@ def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torc
     returns ([b, n, h, d], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (attention_mask is None or dropout or position_bias is not None or query.device.type != "cpu"
-            or getattr(module, "num_key_value_groups", 1) <= 1 or key.shape[-1] != value.shape[-1]
-            or any(kwargs.get(k) for k in _UNSUPPORTED)):
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (dropout or position_bias is not None or query.device.type != "cpu" or groups <= 1
+            or key.shape[-1] != value.shape[-1] or any(kwargs.get(k) for k in _UNSUPPORTED)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    if query.shape[2] == 1 and query.dtype in ROWS_DTYPES and (attention_mask is None or attention_mask.shape[1:3] == (1, 1)):
+        return one_query_attention(query, key, value, attention_mask, scaling), None
+    if attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """A one-token step's attention with each key/value head's query heads as rows of one query block.
+
+    torch's CPU flash kernel is slow for a single bf16 query row (SmolLM2's shape: 0.9 ms per layer at an
+    800-token cache against 0.27 ms for the same work as 3 rows, docs/results.md §20): the g query heads that
+    share a key/value head see the same keys and the same mask row, so they are g rows of one head. Same
+    result as ``enable_gqa`` (bit-identical in the tests); ``query`` [b, h, 1, d] -> [b, 1, h, d]."""
+    b, h, _, d = query.shape
+    kv = key.shape[1]
+    rows = query.reshape(b, kv, h // kv, d)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, 1, h, value.shape[-1])
 
 
 def _register() -> None:

@@ -215,7 +215,7 @@ class _Decoder:
             src.begin(ids[0], predictions, self.generator)
 
     def step(self) -> None:
-        t0 = time.perf_counter()
+        t0, past = time.perf_counter(), self.length - 1
         trie = self.propose()
         tree = self.choose(trie)
         logits = self.forward(tree)
@@ -226,7 +226,7 @@ class _Decoder:
         self.commit(new)
         self.observe(trie, tree, logits, top_ids, top_vals, acc, new)
         if self.latency is not None:
-            self.latency.observe(len(tree) - 1, time.perf_counter() - t0)
+            self.latency.observe(len(tree) - 1, self.forward_seconds, past, time.perf_counter() - t0)
 
     # -- the named steps -----------------------------------------------------------------------------------
     def propose(self) -> trie_mod.Trie:
@@ -245,7 +245,8 @@ class _Decoder:
         """Static template: every candidate. Auto: the n best by path probability, n by tokens/s."""
         t = None
         if self.latency is not None:
-            t = self.latency.curve(min(len(trie) - 1, self.req.tree.max_nodes, self.latency.max_nodes))
+            upto = min(len(trie) - 1, self.req.tree.max_nodes, self.latency.max_nodes)
+            t = self.latency.curve(upto, past=self.length - 1)
         kept, q = trie_mod.select(trie, t)
         return trie_mod.compact(trie, kept, q)
 
@@ -258,8 +259,12 @@ class _Decoder:
             tokens = torch.tensor(tree.tokens, device=self.device)
             positions = torch.tensor(tree.depths, device=self.device) + past
             ancestors = tree.ancestors(self.device)
-        logits = self.kv.forward(tokens, positions, ancestors, past)
-        return logits.float()  # bf16 argmax/topk on CPU is ~10x slower than fp32
+        start = time.perf_counter()
+        logits = self.kv.forward(tokens, positions, ancestors, past).float()  # bf16 topk on CPU is ~10x slower
+        if self.latency is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the forward's own time (the step syncs right after anyway)
+        self.forward_seconds = time.perf_counter() - start  # what t(n) measured, for the online refinement
+        return logits
 
     def top(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One top-k per step, shared by acceptance and the sources."""

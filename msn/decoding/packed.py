@@ -112,11 +112,19 @@ class Packing:
             layer.__dict__.pop("forward", None)
 
 
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the Packing installed on it now
+
+
 @contextmanager
 def packing(model, enabled: bool) -> Iterator[Packing | None]:
-    """Packed Linear layers for the duration of one request (None when not enabled or not possible)."""
+    """Packed Linear layers for the duration of one request (None when not enabled or not possible).
+    Re-entrant: inside a request (the t(n) measurement a request starts with) it yields the request's own
+    Packing; a second one would find every layer taken and measure the unpacked path (docs/results.md §20)."""
     if not enabled:
         yield None
+        return
+    if model in _ACTIVE:
+        yield _ACTIVE[model]
         return
     pk = Packing(model)
     try:
@@ -127,7 +135,9 @@ def packing(model, enabled: bool) -> Iterator[Packing | None]:
         logger.warning("msn: packing the linear weights failed (%s); decoding unpacked", _BROKEN[0])
         yield None
         return
+    _ACTIVE[model] = pk
     try:
         yield pk
     finally:
+        del _ACTIVE[model]
         pk.remove()
