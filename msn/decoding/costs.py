@@ -27,6 +27,11 @@ from msn.outputs import atomic_write_text
 
 GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
 PAST = 128  # cache length while measuring
+LONG_PAST = 1024  # a second cache length, for what each past token adds (long prompts: attention grows)
+LONG_GRID = (0, 4, 16, 64)  # tree sizes measured at LONG_PAST too; the cost per past token is interpolated
+WARMUP_SECONDS = 1.0  # forwards run before timing: a fresh process's first forwards ran ~1.5x slower (§20)
+WARMUP_ROUNDS = 10  # ... or this many rounds over the sizes, whichever comes first
+VERSION = 2  # cached curves of another version (no past term, cold measurement) are measured again
 ALPHA = 0.1  # weight of one observed step in the online refinement
 DRIFT_ALPHA = 0.02  # weight of one step in the drift estimate: ~50 steps, longer than a neighbour's burst
 DRIFT_LIMIT = 1.3  # step times this far off the measured curve, sustained: it was measured under other load
@@ -37,20 +42,20 @@ logger = logging.getLogger("msn")
 
 @torch.inference_mode()
 def measure_forward(model, sizes: Sequence[int], past: int = PAST, repeats: int = 3, seed: int = 0,
-                    compiled: bool = False, packed: bool = False) -> dict[int, float]:
+                    compiled: bool = False, packed: bool = False, warmup: float = WARMUP_SECONDS) -> dict[int, float]:
     """Median seconds of one forward over k new tokens on a ``past``-token cache, through the same
     verification path the engine uses (k = 1: plain causal step; k > 1: a chain with explicit positions and
     a 4-D mask; ``compiled``: the static compiled path, whose first round compiles each bucket; ``packed``:
     the eager path with packed Linear weights, msn.decoding.packed; the eager paths attend as the engine does,
-    msn.decoding.attention)."""
+    msn.decoding.attention). Timing starts after ``warmup`` seconds of forwards (one round at least)."""
     from msn.decoding.attention import gqa_attention
     from msn.decoding.packed import packing
 
     with packing(model, packed) as pk, gqa_attention(model, not compiled):
-        return _measure(model, sizes, past, repeats, seed, compiled, pk)
+        return _measure(model, list(sizes), past, repeats, seed, compiled, pk, warmup)
 
 
-def _measure(model, sizes, past, repeats, seed, compiled, pk) -> dict[int, float]:
+def _measure(model, sizes, past, repeats, seed, compiled, pk, warmup) -> dict[int, float]:
     from msn.decoding.static_kv import make_kv
 
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +64,8 @@ def _measure(model, sizes, past, repeats, seed, compiled, pk) -> dict[int, float
     kv.prefill(torch.randint(0, vocab, (1, past), generator=gen).to(device))
     none_kept = torch.empty(0, dtype=torch.long, device=device)
     times: dict[int, list[float]] = {k: [] for k in sizes}
-    for rep in range(repeats + 1):  # round-robin over sizes, so drift hits every size alike
+    began, rounds, warm = time.perf_counter(), 0, False
+    while len(times[sizes[0]]) < repeats:  # round-robin over sizes, so drift hits every size alike
         for k in sizes:
             ids = torch.randint(0, vocab, (k,), generator=gen).to(device)
             chain = None if k == 1 else torch.ones(k, k, dtype=torch.bool, device=device).tril()  # worst case
@@ -67,10 +73,36 @@ def _measure(model, sizes, past, repeats, seed, compiled, pk) -> dict[int, float
             kv.forward(ids, torch.arange(past, past + k, device=device), chain, past)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if rep:  # the first round warms up (and, compiled, compiles) every shape
+            if warm:
                 times[k].append(time.perf_counter() - start)
             kv.keep(past, k, none_kept)
+        # Warm-up: one round at least (compiled: it compiles every shape), then ``warmup`` seconds of forwards
+        # or WARMUP_ROUNDS rounds, whichever comes first (a tiny model's round takes milliseconds).
+        rounds += 1
+        warm = warm or time.perf_counter() - began >= warmup or rounds >= WARMUP_ROUNDS
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_curve(model, repeats: int = 3, compiled: bool = False,
+                  packed: bool = False) -> tuple[dict[int, float], dict[int, float], int]:
+    """t(n) on the grid at PAST, and at a long past (LONG_PAST, or less where the model's positions end) for
+    LONG_GRID: (base, long, long past). Eager only: a compiled graph is per cache length, and a GPU's
+    attention barely grows with the past. Keys are tree nodes (the root excluded)."""
+    sizes = grid(model, compiled)
+    base = measure_forward(model, [n + 1 for n in sizes], repeats=repeats, compiled=compiled, packed=packed)
+    wanted = [n + 1 for n in LONG_GRID if n in sizes]
+    long_past = min(LONG_PAST, _max_positions(model) - max(wanted) - 1)
+    long: dict[int, float] = {}
+    if not compiled and long_past >= 2 * PAST:
+        long = {k - 1: v for k, v in measure_forward(model, wanted, past=long_past, repeats=repeats, packed=packed,
+                                                      warmup=0.0).items()}
+    return {k - 1: v for k, v in base.items()}, long, long_past
+
+
+def _max_positions(model) -> int:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    found = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(found) if isinstance(found, int) and found > 0 else LONG_PAST + 2 * max(GRID)
 
 
 def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
@@ -107,16 +139,31 @@ def monotone(values: Sequence[float]) -> list[float]:
 
 
 class Latency:
-    """Piecewise-linear t(n) over measured grid points, refined online; ``stale`` once step times have
-    drifted far from what was measured."""
+    """Piecewise-linear t(n, past) over measured grid points, refined online; ``stale`` once forward times
+    have drifted far from what was measured.
+
+    t(n, past) = t(n) at PAST + slope(n) * (past - PAST): attention grows with the cache, and more for wide
+    trees, so a curve measured at one past mis-sizes trees on long prompts. The engine observes the forward
+    alone (what was measured) and, apart, the step's own work around it (drafting, choosing, accepting): that
+    ``overhead`` is paid whatever the tree's size, so it enters the tokens/s choice but not the drift."""
 
     def __init__(self, seconds: dict[int, float], source: str = "measured", path: Path | None = None,
-                 generation: int = 0):
+                 generation: int = 0, slopes: dict[int, float] | None = None):
         self.sizes = sorted(seconds)
         self.seconds = monotone([float(seconds[n]) for n in self.sizes])
         self.measured = list(self.seconds)  # the refinement moves ``seconds``; drift is judged against this
+        self.slope_sizes = sorted(slopes or {0: 0.0})
+        self.slopes = [max(float((slopes or {0: 0.0})[n]), 0.0) for n in self.slope_sizes]  # s per past token
         self.source, self.path, self.generation = source, path, generation
-        self.drift, self.steps = 1.0, 0  # moving average of observed / measured step time; steps observed
+        self.drift, self.steps = 1.0, 0  # moving average of observed / measured forward time; steps observed
+        self.overhead = 0.0  # moving average of a step's seconds outside the forward
+
+    @classmethod
+    def from_measurements(cls, base: dict[int, float], long: dict[int, float], long_past: int = LONG_PAST,
+                          **kw) -> Latency:
+        """From t(n) at PAST and t(n) at ``long_past`` for some n (none: no past term)."""
+        slopes = {n: (t - base[n]) / (long_past - PAST) for n, t in long.items() if n in base}
+        return cls(base, slopes=slopes or None, **kw)
 
     @property
     def max_nodes(self) -> int:
@@ -133,24 +180,44 @@ class Latency:
         a, b, w = self._bracket(n)
         return max(values[a] + (values[b] - values[a]) * w, 1e-9)
 
-    def predict(self, n: int) -> float:
-        return self._interpolate(self.seconds, n)
+    def slope(self, n: float) -> float:
+        """Seconds each past token adds to a forward over n tree nodes (linear between measured sizes)."""
+        xs, ys = self.slope_sizes, self.slopes
+        if n <= xs[0] or len(xs) == 1:
+            return ys[0]
+        if n >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_left(xs, n)
+        w = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * w
 
-    def curve(self, upto: int) -> list[float]:
-        """t(0..upto), for choosing the tree size in one pass."""
-        return [self.predict(n) for n in range(upto + 1)]
+    def _at(self, values: Sequence[float], n: float, past: int) -> float:
+        base = self._interpolate(values, n)
+        return max(base + self.slope(n) * (past - PAST), 0.5 * base)  # below PAST: never less than half
 
-    def observe(self, n: int, seconds: float) -> None:
-        """Move the grid points around n toward an observed step time (outliers clipped), keep the curve
-        non-decreasing (a dip would draw every later tree to it), and track the drift from the measurement."""
+    def predict(self, n: int, past: int = PAST) -> float:
+        """The forward alone: n tree nodes (the root excluded) on a cache of ``past`` entries."""
+        return self._at(self.seconds, n, past)
+
+    def curve(self, upto: int, past: int = PAST) -> list[float]:
+        """A step's seconds for n = 0..upto tree nodes at this past, the step's own work included: what the
+        tree is sized with."""
+        return [self.predict(n, past) + self.overhead for n in range(upto + 1)]
+
+    def observe(self, n: int, seconds: float, past: int = PAST, step_seconds: float | None = None) -> None:
+        """Move the grid points around n toward an observed forward time (outliers clipped), keep the curve
+        non-decreasing (a dip would draw every later tree to it), track the drift from the measurement and,
+        given the whole step's time, the work around the forward."""
         was_stale = self.stale
         self.steps += 1
-        self.drift *= 1.0 + DRIFT_ALPHA * (_clip(seconds / self._interpolate(self.measured, n)) - 1.0)
+        self.drift *= 1.0 + DRIFT_ALPHA * (_clip(seconds / self._at(self.measured, n, past)) - 1.0)
+        if step_seconds is not None:
+            self.overhead += ALPHA * (max(step_seconds - seconds, 0.0) - self.overhead)
         if self.stale and not was_stale:
             mark_stale(self)
         if len(self.sizes) == 1:
             return
-        ratio = _clip(seconds / self.predict(n))
+        ratio = _clip(seconds / self.predict(n, past))
         a, b, w = self._bracket(min(max(n, self.sizes[0]), self.sizes[-1]))
         for j, share in ((a, 1.0 - w), (b, w)):
             self.seconds[j] *= 1.0 + ALPHA * share * (ratio - 1.0)
@@ -158,12 +225,18 @@ class Latency:
 
     @property
     def stale(self) -> bool:
-        """Step times have stayed DRIFT_LIMIT off the measured curve: it was measured under other conditions,
-        and its shape, which sizes the tree, is suspect."""
+        """Forward times have stayed DRIFT_LIMIT off the measured curve: it was measured under other
+        conditions, and its shape, which sizes the tree, is suspect."""
         return self.steps >= DRIFT_MIN_STEPS and not 1.0 / DRIFT_LIMIT <= self.drift <= DRIFT_LIMIT
 
     def to_dict(self) -> dict:
-        return {"sizes": self.sizes, "seconds": self.seconds, "source": self.source}
+        return {"version": VERSION, "sizes": self.sizes, "seconds": self.seconds, "source": self.source,
+                "past": PAST, "slope_sizes": self.slope_sizes, "slopes": self.slopes}
+
+    @classmethod
+    def from_dict(cls, data: dict, **kw) -> Latency:
+        slopes = dict(zip(data["slope_sizes"], data["slopes"], strict=True))
+        return cls(dict(zip(data["sizes"], data["seconds"], strict=True)), slopes=slopes, **kw)
 
 
 def _clip(ratio: float) -> float:
@@ -210,10 +283,14 @@ def load_or_measure(model, compiled: bool = False, packed: bool = False) -> Late
     path = latency_path(model, compiled, packed)
     try:
         data = json.loads(path.read_text())
-        if not data.get("stale"):
-            return Latency(dict(zip(data["sizes"], data["seconds"], strict=True)), source=str(path), path=path)
-        logger.info("msn: the cached t(n) curve did not match the step times of its last use; measuring it "
-                    "again (a few seconds): %s", path)
+        if data.get("version") != VERSION:
+            logger.info("msn: the cached t(n) curve is from an older msn; measuring it again (a few seconds): %s",
+                        path)
+        elif not data.get("stale"):
+            return Latency.from_dict(data, source=str(path), path=path)
+        else:
+            logger.info("msn: the cached t(n) curve did not match the forward times of its last use; measuring it "
+                        "again (a few seconds): %s", path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         logger.info("msn: measuring forward latency t(n) for the auto tree, once per model shape/device/dtype/"
                     "threads (a few seconds): %s", path)
@@ -227,11 +304,15 @@ def for_next_request(latency: Latency | None, model, compiled: bool = False, pac
         return load_or_measure(model, compiled, packed)
     if not latency.stale or latency.generation >= MAX_GENERATIONS:
         return latency
-    logger.info("msn: step times ran x%.2f the measured t(n) curve; measuring it again (a few seconds)",
-                latency.drift)
+    log = logger.info if latency.path not in _ANNOUNCED else logger.debug  # said once per curve and process
+    _ANNOUNCED.add(latency.path)
+    log("msn: forward times ran x%.2f the measured t(n) curve; measuring it again (a few seconds)", latency.drift)
     fresh = remeasure(model, compiled=compiled, packed=packed)[0]
     fresh.generation = latency.generation + 1
     return fresh
+
+
+_ANNOUNCED: set = set()  # curves whose re-measurement this process has already announced
 
 
 def _busy() -> bool:
@@ -246,9 +327,8 @@ def remeasure(model, repeats: int = 3, compiled: bool = False, packed: bool = Fa
     """Measure t(n) on the grid now and replace the cached curve (``msn tune-tree`` calls this). On a
     CPU that is busy with other work the curve is used for this process only, never cached."""
     path = latency_path(model, compiled, packed)
-    measured = measure_forward(model, [n + 1 for n in grid(model, compiled)], repeats=repeats, compiled=compiled,
-                               packed=packed)
-    latency = Latency({k - 1: v for k, v in measured.items()}, source=str(path), path=path)
+    base, long, long_past = measure_curve(model, repeats=repeats, compiled=compiled, packed=packed)
+    latency = Latency.from_measurements(base, long, long_past, source=str(path), path=path)
     if model.device.type == "cpu" and _busy():
         latency.source, latency.path = "measured on a busy CPU (not cached)", None
         return latency, path
