@@ -135,7 +135,7 @@ def tiny():
 def client(tiny):
     model, tok = tiny
     app = create_app(model, tok, model_id="tiny", method="ar", api_key="sekret", default_max_tokens=12)
-    with TestClient(app, headers={"Authorization": "Bearer sekret"}) as c:
+    with TestClient(app, base_url="http://127.0.0.1:8000", headers={"Authorization": "Bearer sekret"}) as c:
         yield c
 
 
@@ -218,8 +218,10 @@ def test_models_health_and_api_key(client, tiny):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     assert client.get("/v1/models/tiny").json()["id"] == "tiny"
     assert_openai_error(client.get("/v1/models/other"), 404)
-    health = client.get("/health", headers={"Authorization": ""}).json()  # open: for liveness probes
-    assert health["status"] == "ok" and health["queue_size"] == 16
+    health = client.get("/health", headers={"Authorization": ""}).json()  # open for liveness probes, no details
+    assert health == {"status": "ok"}
+    health = client.get("/health").json()  # with the key: the model and the counters
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["queue_size"] == 16
     for auth in ("", "Bearer wrong", "Bearer sekre", "sekret", "Basic sekret"):
         for r in (client.get("/v1/models", headers={"Authorization": auth}),
                   client.post("/v1/completions", json=body(False), headers={"Authorization": auth})):
@@ -316,6 +318,11 @@ def test_routing_errors_are_openai_shaped_and_the_server_keeps_serving(client):
     (["--api-key", " "], "--api-key is empty"),
     (["--tree", "nope"], "unknown tree 'nope'"),
     (["--port", "TAKEN"], "Address already in use"),
+    (["--api-key", " sekret"], "--api-key has spaces or a line break around it"),
+    (["--api-key", "sek ret"], "printable ASCII only"),
+    (["--max-body", "lots"], "--max-body must be a positive number of bytes"),
+    (["--max-body", "0"], "--max-body must be a positive number of bytes"),
+    (["--allowed-origins", "evil.example.com"], "--allowed-origins takes origins such as http://localhost:3000"),
 ])
 def test_serve_flags_fail_in_one_line_before_the_model_loads(capsys, flags, message):
     from msn.cli import main
@@ -327,6 +334,43 @@ def test_serve_flags_fail_in_one_line_before_the_model_loads(capsys, flags, mess
         assert main(["serve", "--model", "no-such-model", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("msn serve: error:") and message in err and err.count("\n") == 1
+
+
+def test_a_length_cut_mid_character_is_length_even_when_its_u_fffd_matches_a_stop(monkeypatch):
+    """Issue 36 item 12: the unfinished bytes released at the end decode to U+FFFD; a stop string matching
+    that is cut from the text, but the generation ended by its length."""
+    import msn.decoding.engine as engine
+
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    def fake_generate(model, ids, streamer=None, **kw):
+        streamer.put(ids)
+        streamer.put(torch.tensor([[ord("a")]]))
+        streamer.put(torch.tensor([[0xE4]]))  # the first byte of a three-byte character, then max_tokens
+        streamer.end()
+
+    monkeypatch.setattr(engine, "generate", fake_generate)
+    events = []
+    for stops, reason, text in (([], "length", "a\ufffd"), (["\ufffd"], "length", "a"), (["a"], "stop", "")):
+        events.clear()
+        Worker(model=None, tokenizer=Bytes(), eos=[2]).run(Job(torch.tensor([[1]]), {"method": "ar"}, stops,
+                                                               events.append))
+        result = events[-1].result
+        assert (result.finish_reason, result.text) == (reason, text), stops
+
+
+@pytest.mark.parametrize("dtype, method, reproducible", [
+    (torch.bfloat16, "tr-jacobi", False), (torch.bfloat16, "ar", True), (torch.float32, "tr-jacobi", True)])
+def test_usage_says_whether_greedy_text_is_reproducible(dtype, method, reproducible):
+    """Issue 36 item 9: in bf16 a tree forward can flip a near-tie, and the tree depends on earlier requests."""
+    model = tiny_model("llama", dtype=dtype)
+    app = create_app(model, ByteChatTokenizer(), model_id="tiny", method=method, tree="cpu-fp32-8")
+    with TestClient(app, base_url="http://localhost") as c:
+        r = c.post("/v1/completions", json=body(False, max_tokens=3, temperature=0))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["reproducible"] is reproducible
 
 
 # -- a real server: msn serve with SmolLM2-135M, the openai client --------------------------------------------

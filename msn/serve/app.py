@@ -1,46 +1,78 @@
 """The FastAPI app for one already-loaded model (tests pass tiny random models; ``msn serve`` a real one).
 
-Requests are checked and encoded here, on the event loop, so a bad request is refused before it takes a
-queue slot and before any response header is sent; only checked work reaches the worker thread.
+Requests are checked and encoded here, before they take a queue slot and before any response header is
+sent; only checked work reaches the worker thread. What a request costs before it is refused is bounded: the
+body is read up to ``max_body`` bytes (413 past it), a prompt whose characters alone exceed the context is
+refused before it is tokenized, and tokenizing runs on a thread with the app's own copy of the tokenizer, so
+neither the event loop (``/health``, other clients) nor the running request's detokenizing waits for it.
+Who may send requests at all is :mod:`msn.serve.guard`'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import logging
 import secrets
+import threading
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from msn.decoding.request import context_limit, parse_request
 from msn.decoding.tree import METHODS, TREE_PRESETS, Tree, resolve_tree
 from msn.errors import MsnError
 from msn.prompting import encode_chat, encode_text, eos_ids
 from msn.serve import protocol as p
+from msn.serve.guard import Guard
 from msn.serve.worker import Delta, Failed, Finished, Job, QueueFull, Worker
 
 log = logging.getLogger("msn.serve")
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DEFAULT_MAX_BODY = 2 << 20  # bytes: a full 32k-token context as JSON-escaped text fits several times over
+
+
+def check_api_key(api_key: str | None, name: str = "the API key") -> None:
+    """A key no client can send would lock every client out without a word: HTTP trims the spaces around a
+    header value, and a header carries printable ASCII only."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise MsnError(f"{name} is empty")
+    if api_key != api_key.strip():
+        raise MsnError(f"{name} has spaces or a line break around it, which no client can send (HTTP trims "
+                       "them from the header): remove them")
+    if not all(33 <= ord(c) <= 126 for c in api_key):
+        raise MsnError(f"{name} holds characters an HTTP header cannot carry (spaces inside, non-ASCII or control "
+                       "characters): use printable ASCII only")
 
 
 def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tree: Tree | str | None = None,
                queue_size: int = 16, api_key: str | None = None, default_max_tokens: int = 512,
-               compile: bool | None = None) -> FastAPI:
+               compile: bool | None = None, max_body: int = DEFAULT_MAX_BODY, allowed_hosts: tuple[str, ...] = (),
+               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` as ``model_id``. ``method``/``tree``: the default decoding
     (a request may override both through its ``msn`` field); ``default_max_tokens``: for requests that give
-    no max_tokens (capped by the context); ``compile``: verify through the compiled path (every request; None: on a CUDA device only)."""
+    no max_tokens (capped by the context); ``compile``: verify through the compiled path (every request; None:
+    on a CUDA device only); ``max_body``: the largest request body in bytes; ``allowed_hosts`` /
+    ``allowed_origins``: names and web origins served besides localhost and IP addresses (see
+    :mod:`msn.serve.guard`; ``"*"``: any)."""
     if method not in METHODS:
         raise MsnError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_api_key(api_key)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+        raise MsnError(f"max_body must be a positive number of bytes, got {max_body!r}")
     device = next(model.parameters()).device
     server = _Server(model, tokenizer, model_id, method, resolve_tree(tree, device, model.dtype), device,
                      default_max_tokens, Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size), compile)
+    server.max_body = max_body
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -50,15 +82,19 @@ def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tr
         finally:
             await asyncio.to_thread(server.worker.close)
 
-    app = FastAPI(title="msn serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: starlette builds their Location from the client's Host header.
+    app = FastAPI(title="msn serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.server = server
+    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts), allowed_origins=tuple(allowed_origins))
     _add_error_handlers(app)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
+    def key_given(request: Request) -> bool:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), (api_key or "").encode())
+
+    def authorize(request: Request) -> None:
+        if api_key is not None and not key_given(request):
             raise p.ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
                              code="invalid_api_key")
 
@@ -84,7 +120,10 @@ def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tr
     app.include_router(v1)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        """Liveness for anyone; the model and the counters only with the key, when there is one."""
+        if api_key is not None and not key_given(request):
+            return {"status": "ok"}
         return {"status": "ok", "model": model_id, **server.worker.stats()}
 
     return app
@@ -103,6 +142,12 @@ class _Server:
         self.default_max_tokens, self.worker = default_max_tokens, worker
         self.limit = context_limit(model.config)
         self.created = p.now()
+        self.max_body = DEFAULT_MAX_BODY
+        # Prompts are encoded on a thread with a copy of the tokenizer: a fast tokenizer may not be used from two
+        # threads at once, and the worker's copy decodes the running request meanwhile.
+        self.encoder = _own_copy(tokenizer)
+        self.encoder_lock = threading.Lock() if self.encoder is not tokenizer else worker.tokenizer_lock
+        self.token_chars = longest_token(tokenizer)
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -110,10 +155,11 @@ class _Server:
                              "model", "model_not_found")
 
     async def complete(self, request: Request, chat: bool) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, self.max_body)
         req = p.parse_body(body, chat, METHODS, tuple(TREE_PRESETS))
         self.check_model(req.model)
-        job_ids, settings = self.prepare(req)
+        self.check_length(req)
+        job_ids, settings = await asyncio.to_thread(self.prepare, req)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event) -> None:  # called on the worker thread
@@ -135,15 +181,31 @@ class _Server:
         finally:
             self.worker.cancel(job)
 
+    def check_length(self, req: p.CompletionRequest) -> None:
+        """Refuse, before tokenizing, a prompt with more characters than the context's tokens can hold (no
+        token of this vocabulary spans more than ``token_chars`` characters)."""
+        if self.limit is None or self.token_chars is None:
+            return
+        chars = sum(len(m["content"]) for m in req.messages) if req.chat else len(req.prompt)
+        if chars > self.limit * self.token_chars:
+            raise p.bad(f"the prompt is {chars} characters, more than this model's context of {self.limit} tokens "
+                        f"can hold (no token is longer than {self.token_chars} characters); shorten it",
+                        "messages" if req.chat else "prompt", "context_length_exceeded")
+
     def prepare(self, req: p.CompletionRequest):
-        """Prompt ids and :func:`msn.generate` keywords, checked the way the engine checks them."""
+        """Prompt ids and :func:`msn.generate` keywords, checked the way the engine checks them (runs on a
+        thread: tokenizing a long prompt takes a while)."""
         param = "messages" if req.chat else "prompt"
-        with self.worker.tokenizer_lock:
-            try:
-                ids = encode_chat(self.tokenizer, req.messages) if req.chat else encode_text(
-                    self.tokenizer, req.prompt, special_tokens=True)
-            except Exception as e:  # a chat template may refuse a conversation (e.g. roles must alternate)
-                raise p.bad(f"the model's chat template refused these messages: {e}", param) from None
+        with self.encoder_lock:
+            if req.chat:
+                try:
+                    ids = encode_chat(self.encoder, req.messages)
+                except MsnError as e:
+                    raise p.bad(str(e), param) from None
+                except Exception as e:  # a chat template may refuse a conversation (e.g. roles must alternate)
+                    raise p.bad(f"the model's chat template refused these messages: {e}", param) from None
+            else:
+                ids = encode_text(self.encoder, req.prompt, special_tokens=True)
         n = int(ids.shape[1])
         if n == 0:
             raise p.bad("the prompt encodes to no tokens", param)
@@ -158,6 +220,9 @@ class _Server:
                         f"model's context of {self.limit} tokens", "max_tokens", "context_length_exceeded")
         tree = self.tree if req.tree is None else resolve_tree(req.tree, self.device, self.model.dtype)
         method = req.method or self.method
+        if method == "ar" and req.tree is not None:
+            raise p.bad(f"msn.tree {req.tree!r} has no effect with method 'ar' (it drafts nothing); drop msn.tree "
+                        "or choose a drafting method", "msn.tree")
         seed = req.seed if req.seed is not None else secrets.randbits(62)
         sampling = req.sampling()
         try:
@@ -237,9 +302,55 @@ async def _collect(request: Request, req: p.CompletionRequest, rid: str, created
     return JSONResponse(p.response(req, rid, created, event.result))
 
 
-async def _json_body(request: Request):
-    """The decoded body, or a 400: a body nested past Python's recursion limit is the client's fault, not a 500."""
-    raw = await request.body()
+def _own_copy(tokenizer):
+    """A private copy of ``tokenizer`` for encoding (the tokenizer itself when it cannot be copied)."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - any tokenizer that cannot be copied is shared under the worker's lock
+        return tokenizer
+
+
+def longest_token(tokenizer) -> int | None:
+    """The most characters any token of the vocabulary stands for (None: unknown). A byte-level token's string
+    has one character per byte, so it also bounds the characters of text."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if not callable(get_vocab):
+        return None
+    try:
+        return max((len(t) for t in get_vocab()), default=None)
+    except Exception:  # noqa: BLE001 - a tokenizer without a readable vocabulary: no length check
+        return None
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before it had sent its whole body."""
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+async def _json_body(request: Request, max_body: int = DEFAULT_MAX_BODY):
+    """The decoded body. Refused: another content type than JSON (415: a web page can send text/plain without
+    asking the browser first), more than ``max_body`` bytes (413, counted as it arrives, whatever the
+    Content-Length says), not JSON or nested past Python's recursion limit (400: the client's fault, not a 500)."""
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        raise p.ApiError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' (got "
+                              f"{content_type or 'none'!r})", code="unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body:
+        raise _too_large(max_body)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise _too_large(max_body)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _ClientGone from None
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -248,11 +359,19 @@ async def _json_body(request: Request):
         raise p.bad("the request body is nested too deeply to parse; send a flatter JSON object") from None
 
 
+def _too_large(max_body: int) -> p.ApiError:
+    return p.ApiError(413, f"the request body is larger than this server's limit of {max_body} bytes; send a "
+                           "shorter prompt (or start msn serve with a larger --max-body)", code="request_too_large")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error leaves in OpenAI's shape: ours, FastAPI's validation, routing (404/405), and crashes."""
 
     async def api_error(request: Request, exc: p.ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: like any other disconnect, no traceback
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = (exc.errors() or [{}])[0]
@@ -261,7 +380,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = {404: f"no route {request.method} {request.url.path}",
+        slash = " (drop the trailing slash)" if request.url.path.endswith("/") and request.url.path != "/" else ""
+        message = {404: f"no route {request.method} {request.url.path}{slash}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
                                                                                         str(exc.detail))
         return JSONResponse(p.error_body(message, kind), status_code=exc.status_code,
@@ -272,6 +392,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(p.error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     app.add_exception_handler(p.ApiError, api_error)
+    app.add_exception_handler(_ClientGone, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, crash)

@@ -49,8 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="for requests without max_tokens, capped by the context (default: %(default)s)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MSN_API_KEY, else no key; the "
-                        "variable keeps the key out of the process list)")
+                   help="require 'Authorization: Bearer KEY' on /v1 (and for /health's details) (default: "
+                        "$MSN_API_KEY, else no key; the variable keeps the key out of the process list)")
+    p.add_argument("--max-body", default="2M",
+                   help="largest request body, in bytes or with K/M/G (default: %(default)s); larger ones get 413")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated host names served besides localhost and IP addresses, e.g. a proxy's "
+                        "name ('*': any; others get 403, which stops DNS rebinding)")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated web origins (e.g. http://localhost:3000) whose pages may call the server, "
+                        "with CORS ('*': any page; default: none, requests carrying an Origin get 403)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on Ctrl-C/SIGTERM, seconds to let requests finish before cancelling them (default: 30)")
     p.add_argument("--no-warmup", action="store_true",
@@ -68,6 +76,28 @@ def _check(args) -> None:
         raise InputError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise InputError("--api-key is empty")
+    args.max_body = parse_size(args.max_body, "--max-body")
+    args.allowed_hosts = _names(args.allowed_hosts)
+    args.allowed_origins = _names(args.allowed_origins)
+    bad = [o for o in args.allowed_origins if o != "*" and "://" not in o]
+    if bad:
+        raise InputError(f"--allowed-origins takes origins such as http://localhost:3000 (scheme://host[:port]), "
+                         f"got {bad[0]!r}")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def parse_size(text: str, flag: str) -> int:
+    """``2M`` -> 2097152: a byte count, optionally with K, M or G (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    if not number.isdigit() or int(number) < 1:
+        raise InputError(f"{flag} must be a positive number of bytes, optionally with K, M or G (e.g. 2M), got "
+                         f"{text!r}")
+    return int(number) * units[unit]
 
 
 def _check_bind(host: str, port: int) -> None:
@@ -101,10 +131,11 @@ def run(args) -> int:
     from msn.bench.session import pick_device
     from msn.decoding.tree import resolve_tree
     from msn.models import load_model, parse_dtype
-    from msn.serve.app import create_app
+    from msn.serve.app import check_api_key, create_app
 
     _check(args)
     api_key = args.api_key if args.api_key is not None else (os.environ.get("MSN_API_KEY") or None)
+    check_api_key(api_key, "--api-key" if args.api_key is not None else "MSN_API_KEY")
     _check_bind(args.host, args.port)
     device = pick_device(args.device)
     quantize = check_quantize_flag(args, device)
@@ -114,7 +145,9 @@ def run(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=device, quantize=quantize)
     name = args.served_name or args.model
     app = create_app(model, tok, model_id=name, method=args.method, tree=tree, queue_size=args.queue_size,
-                     api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile)
+                     api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile,
+                     max_body=args.max_body, allowed_hosts=args.allowed_hosts,
+                     allowed_origins=args.allowed_origins)
     if not args.no_warmup:
         _warm_up(model, tok, args.method, tree, args.compile)
     if not _loopback(args.host) and api_key is None:
@@ -124,6 +157,11 @@ def run(args) -> int:
                             timeout_graceful_shutdown=args.drain_timeout)
     print(f"msn serve: {name} ({args.method}, tree {tree.name}, {args.dtype}, {device}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    if args.dtype != "fp32" and args.method != "ar":
+        print(f"msn serve: {args.dtype}: temperature 0 gives greedy text that can differ between identical "
+              "requests in a near-tie of the logits (the draft tree grows with what earlier requests taught it); "
+              "--dtype fp32, or \"msn\": {\"method\": \"ar\"} in a request, makes it the same every time",
+              file=sys.stderr, flush=True)
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: make that a no-op,
     # so a graceful stop exits 0 instead of dying of the signal (or of KeyboardInterrupt) afterwards.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}

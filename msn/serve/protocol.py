@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from msn.decoding.sampling import MIN_TEMPERATURE
 from msn.serve.worker import Result
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -79,21 +80,27 @@ class CompletionRequest:
         return {"do_sample": True, **{k: v for k, v in given.items() if v is not None}}
 
 
+def _is(value: Any, *neutral: Any) -> bool:
+    """``value`` is one of ``neutral`` with the same type: in Python ``True == 1`` and ``0 == False``, so ``n:
+    true`` or ``logprobs: 0`` would pass a plain ``in`` test."""
+    return any(type(value) is type(x) and value == x for x in neutral)
+
+
 # Fields we accept only at their no-op value (anything else would change the output in a way we don't do).
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v in (None, 1),
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "logit_bias": lambda v: v in (None, {}),
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
+    "n": lambda v: _is(v, None, 1),
+    "presence_penalty": lambda v: _is(v, None, 0, 0.0),
+    "frequency_penalty": lambda v: _is(v, None, 0, 0.0),
+    "logit_bias": lambda v: _is(v, None, {}),
+    "logprobs": lambda v: _is(v, None, False),
+    "top_logprobs": lambda v: _is(v, None, 0),
     "response_format": lambda v: v is None or v == {"type": "text"},
-    "tools": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none"),
-    "functions": lambda v: v in (None, []),
-    "best_of": lambda v: v in (None, 1),
-    "echo": lambda v: v in (None, False),
-    "suffix": lambda v: v in (None, ""),
+    "tools": lambda v: _is(v, None, []),
+    "tool_choice": lambda v: _is(v, None, "none"),
+    "functions": lambda v: _is(v, None, []),
+    "best_of": lambda v: _is(v, None, 1),
+    "echo": lambda v: _is(v, None, False),
+    "suffix": lambda v: _is(v, None, ""),
     "user": lambda v: v is None or isinstance(v, str),  # an end-user id for abuse tracking: no effect here
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
@@ -125,10 +132,18 @@ def parse_body(body: Any, chat: bool, methods: tuple[str, ...], trees: tuple[str
             req.max_tokens = _integer(body, "max_completion_tokens", 1)
     else:
         req.prompt = _prompt(body.get("prompt"))
-    if req.max_tokens is None and body.get("max_tokens") is not None:
-        req.max_tokens = _integer(body, "max_tokens", 1)
+    if body.get("max_tokens") is not None:
+        max_tokens = _integer(body, "max_tokens", 1)  # checked also beside max_completion_tokens
+        if req.max_tokens is not None and max_tokens != req.max_tokens:
+            raise bad(f"max_tokens ({max_tokens}) and max_completion_tokens ({req.max_tokens}) differ; send one of "
+                      "them", "max_tokens")
+        req.max_tokens = max_tokens
     if body.get("temperature") is not None:
         req.temperature = _number(body, "temperature", 0.0, 2.0)
+        if 0 < req.temperature < MIN_TEMPERATURE:
+            raise bad(f"temperature {req.temperature!r} is below {MIN_TEMPERATURE:g}: that is greedy decoding (and "
+                      f"far below, the logits / temperature overflow); send 0 for greedy decoding, or a temperature "
+                      f">= {MIN_TEMPERATURE:g} to sample", "temperature")
     if body.get("top_p") is not None:
         req.top_p = _number(body, "top_p", 0.0, 1.0)
     if body.get("top_k") is not None:
@@ -207,16 +222,26 @@ def _stops(v: Any) -> list[str]:
     return stops
 
 
+def _text(v: str, param: str) -> str:
+    """Text the tokenizer can take: JSON may carry a lone surrogate (``"\\ud800"``), which no UTF-8 encodes."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{param} holds a lone UTF-16 surrogate ({v[e.start]!r} at character {e.start}), which is not "
+                  "text; send valid Unicode (pairs of surrogates, or the characters themselves)", param) from None
+    return v
+
+
 def _content(v: Any, param: str) -> str:
     if isinstance(v, str):
-        return v
+        return _text(v, param)
     if isinstance(v, list):  # content parts: text only
         texts = []
         for i, part in enumerate(v):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad("only text content parts are supported ({\"type\": \"text\", \"text\": ...})",
                           f"{param}[{i}]")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{param}[{i}].text"))
         return "".join(texts)
     raise bad(f"content must be a string or an array of text parts, got {_type_name(v)}", param)
 
@@ -239,8 +264,9 @@ def _messages(v: Any) -> list[dict[str, str]]:
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
         if "content" not in m:
             raise bad(f"{where}.content is required", f"{where}.content")
-        if m.get("name") is not None and not isinstance(m["name"], str):
-            raise bad(f"{where}.name must be a string", f"{where}.name")
+        if m.get("name") is not None:  # the chat template has no place for it: it would be dropped silently
+            raise bad(f"{where}.name is not supported (this model's chat template has no participant names); drop "
+                      "it, or write the name into the content", f"{where}.name")
         out.append({"role": ROLES[role], "content": _content(m["content"], f"{where}.content")})
     return out
 
@@ -252,7 +278,7 @@ def _prompt(v: Any) -> str:
         raise bad("prompt must be a string (one prompt per request)", "prompt")
     if not v:
         raise bad("prompt must not be empty", "prompt")
-    return v
+    return _text(v, "prompt")
 
 
 # -- responses ---------------------------------------------------------------------------------------------
@@ -261,7 +287,8 @@ def new_id(chat: bool) -> str:
 
 
 def usage(result: Result) -> dict:
-    """OpenAI's three counts, plus how msn decoded: steps, mean accepted tokens per step, tokens/s."""
+    """OpenAI's three counts, plus how msn decoded: steps, mean accepted tokens per step, tokens/s, and whether
+    the text depends on the request alone (``reproducible``: fp32, or method ``ar``; see the worker's Result)."""
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
@@ -270,6 +297,7 @@ def usage(result: Result) -> dict:
         "mean_accepted_tokens": round(result.mean_accepted, 4),
         "tokens_per_second": round(result.tokens_per_second, 2),
         "method": result.method,
+        "reproducible": result.reproducible,
     }
 
 

@@ -38,6 +38,10 @@ class Result:
     committed_tokens: int  # tokens the steps committed (a step may commit past a stop string)
     wall_time: float  # seconds, prefill included
     method: str
+    # The same request gives the same text whatever was served before: fp32 (a tree verifies what a one-token
+    # step computes, up to fp32 rounding), or ``ar`` (no tree). In bf16/fp16 the tree grows with what the
+    # recycling table learnt from earlier requests, and a bigger tree forward can flip a near-tie of the logits.
+    reproducible: bool = False
 
     @property
     def mean_accepted(self) -> float:
@@ -199,8 +203,11 @@ class Worker:
 
     def run(self, job: Job) -> None:
         """Generate ``job`` on this thread, emitting its events (never raises)."""
+        import torch
+
         from msn.decoding.engine import generate
 
+        method = job.settings.get("method", "tr-jacobi")
         text = TextStream(self.decode, job.stops)
         streamer = _Streamer(job, text)
         start = time.perf_counter()
@@ -216,12 +223,15 @@ class Worker:
             job.emit(Failed(f"generation failed: {type(e).__name__}: {e}", 500))
             return
         wall = time.perf_counter() - start
+        # A stop string found only in the unfinished bytes released at the end (a length cut mid-character shows
+        # as U+FFFD) still cuts the text, but the generation ended by its length.
+        stopped = text.stopped or (bool(text.tokens) and text.tokens[-1] in self.eos)
         tail = text.finish()
         if tail:
             job.emit(Delta(tail))
-        stopped = text.stopped or (bool(text.tokens) and text.tokens[-1] in self.eos)
         job.emit(Finished(Result(
             text=text.sent_text, finish_reason="stop" if stopped else "length",
             prompt_tokens=int(job.ids.shape[-1]), completion_tokens=len(text.tokens), steps=streamer.steps,
-            committed_tokens=streamer.committed, wall_time=wall, method=job.settings.get("method", "tr-jacobi"),
+            committed_tokens=streamer.committed, wall_time=wall, method=method,
+            reproducible=method == "ar" or getattr(self.model, "dtype", None) == torch.float32,
         )))  # fmt: skip
