@@ -191,6 +191,8 @@ def test_wrong_types_are_refused(guarded, kwargs, match):
         ({"state": 1}, r"state must be a msn\.decoding\.engine\.DecoderState.*got int"),
         ({"attention_mask": torch.ones(1, 2)}, r"attention_mask has shape \(1, 2\) but input_ids has \(1, 4\)"),
         ({"attention_mask": "abc"}, "attention_mask must be a"),
+        ({"eos_token_id": 10**9}, r"eos_token_id 1000000000 is outside the vocabulary 0\.\.127"),
+        ({"eos_token_id": [2, 128]}, "eos_token_id 128 is outside the vocabulary"),
     ],
 )
 def test_bad_values_name_the_argument(guarded, kwargs, match):
@@ -215,6 +217,9 @@ def test_accepted_forms_still_work(model):
     [
         ({"temperature": float("inf")}, "temperature must be > 0 and finite"),
         ({"temperature": float("nan")}, "temperature must be > 0 and finite"),
+        ({"temperature": 1e-300}, "temperature 1e-300 is below 1e-06: that is greedy decoding"),  # was token 0
+        ({"temperature": 1e-38}, "use do_sample=False"),
+        ({"temperature": 5e-324}, "is below 1e-06"),
         ({"top_p": float("nan")}, "top_p must be in"),
         ({"min_p": float("inf")}, "min_p must be in"),
     ],
@@ -223,6 +228,27 @@ def test_non_finite_sampling_settings_are_refused(guarded, settings, match):
     refused(guarded, match, max_new_tokens=3, do_sample=True, **settings)
     with pytest.raises(MsnError, match=match):
         sampling_from(settings)  # what the CLI flags go through, before any model loads
+
+
+def test_the_smallest_temperature_still_samples(model):
+    """The floor refuses only what overflows or is greedy in all but ties; 1e-6 samples, and equals greedy here."""
+    greedy = msn.generate(model, IDS, max_new_tokens=4, eos_token_id=[]).sequences
+    cold = msn.generate(model, IDS, max_new_tokens=4, eos_token_id=[], do_sample=True, temperature=1e-6, seed=3)
+    assert torch.equal(cold.sequences, greedy)
+
+
+def test_a_tokenizer_or_an_unloaded_model_is_named_not_a_traceback(smollm2_tokenizer):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(MsnError, match="model must be a loaded causal LM.*got .*Token.*takes the model first"):
+        msn.generate(smollm2_tokenizer, IDS, max_new_tokens=3)
+    with pytest.raises(MsnError, match="model must be a loaded causal LM.*got str"):
+        msn.generate("smollm2-135m", IDS, max_new_tokens=3)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with pytest.raises(MsnError, match="weights on the meta device.*load the weights first"):
+        msn.generate(meta, IDS, max_new_tokens=3)
 
 
 def test_sampling_refuses_a_bad_seed():

@@ -124,6 +124,11 @@ CASES = [
     ("generate-dtype-int8", ["generate", "--prompt", "hi", "--model", "{tiny}", "--dtype", "int8"],
      "'int8'"),
     ("generate-empty-model", ["generate", "--prompt", "hi", "--model", "empty-model"], "folder holds no model"),
+    # issue 36 item 8: a temperature so small that logits / temperature overflows sampled token 0 every step
+    ("generate-temperature-1e-300", ["generate", "--prompt", "hi", "--model", "{tiny}", "--temperature", "1e-300"],
+     "temperature 1e-300 is below 1e-06: that is greedy decoding"),
+    ("bench-temperature-1e-40", [*B, "--temperature", "1e-40", "--out", "o"], "temperature 1e-40 is below 1e-06"),
+    ("demo-temperature-1e-300", ["demo", "--temperature", "1e-300", "--out", "o"], "temperature 0 in msn serve"),
 ]
 
 

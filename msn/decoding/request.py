@@ -173,10 +173,27 @@ def _sampling(kwargs: dict, via_hf: bool, generation_config, seed: int) -> Sampl
     return sampling_from(given, base=generation_config if via_hf else None, seed=seed)
 
 
+def _check_model_object(model) -> None:
+    """A tokenizer passed as the model, or a model built without its weights (the meta device), would fail deep
+    inside torch or transformers: named here instead."""
+    if getattr(model, "config", None) is None or not callable(getattr(model, "parameters", None)):
+        hint = ("; msn.generate(model, input_ids, ...) takes the model first, not the tokenizer"
+                if callable(getattr(model, "decode", None)) else "")
+        raise MsnError(f"model must be a loaded causal LM (e.g. from msn.load_model), got {type(model).__name__}{hint}")
+    params = list(model.parameters())
+    if not params:
+        raise MsnError(f"model {type(model).__name__} has no parameters: pass a loaded causal LM")
+    if any(p.is_meta for p in params):
+        raise MsnError(f"model {type(model).__name__} has weights on the meta device (built without loading them): "
+                       "load the weights first (msn.load_model, from_pretrained, or load_state_dict(..., assign=True))")
+
+
 def parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, generation_config,
                   attention_mask, kwargs: dict, seed: int = 0, *, streamer=None, compile=None,
                   pack=None) -> Request:
+    _check_model_object(model)
     via_hf = generation_config is not None
+    given_eos = eos_token_id
     kwargs = dict(kwargs)
     check_seed(seed)
     sampling = _sampling(kwargs, via_hf, generation_config, seed)
@@ -211,6 +228,10 @@ def parse_request(model, input_ids, max_new_tokens, method, tree, eos_token_id, 
     vocab = getattr(model.config, "vocab_size", None)
     if vocab and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise MsnError(f"input_ids contain ids outside the vocabulary 0..{vocab - 1}")
+    outside = sorted(e for e in eos_ids(override=given_eos) if vocab and e >= vocab) if given_eos is not None else []
+    if outside:  # it could never be generated: the output would silently run to max_new_tokens
+        raise MsnError(f"eos_token_id {outside[0]} is outside the vocabulary 0..{vocab - 1}: give the id of a token "
+                       "the model can generate")
     device = next(model.parameters()).device
     ids = ids.to(device)
     narrowed = resolve_tree(tree, device, model.dtype).for_method(method)

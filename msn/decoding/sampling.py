@@ -27,6 +27,9 @@ from msn.decoding.verify import Acceptance
 from msn.errors import MsnError
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+# Below this, sampling is greedy decoding up to exact ties, and far below it (~1e-37) logits / temperature
+# overflows fp32 to inf and the sample is token 0: refused, with 0 (greedy) named as the fix.
+MIN_TEMPERATURE = 1e-6
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, position) over the generator's seed space
 
 
@@ -53,6 +56,10 @@ class Sampling:
         if isinstance(t, bool) or not (isinstance(t, int | float) and math.isfinite(t) and t > 0):
             raise MsnError(f"temperature must be > 0 and finite for sampling, got {t!r} (use do_sample=False for "
                            "greedy decoding)")
+        if t < MIN_TEMPERATURE:
+            raise MsnError(f"temperature {t!r} is below {MIN_TEMPERATURE:g}: that is greedy decoding (and far below, "
+                           "the logits / temperature overflow); use do_sample=False (temperature 0 in msn serve and "
+                           f"the CLI) for greedy decoding, or a temperature >= {MIN_TEMPERATURE:g} to sample")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 0):
             raise MsnError(f"top_k must be an integer >= 0, got {self.top_k!r}")
