@@ -88,15 +88,39 @@ def read_small_json(path: str | os.PathLike):
         return None
 
 
+OWNER_KEY = "msn_output"  # a result file msn writes carries {"msn_output": KIND}: how msn knows it may replace it
+
+
+def owned(data, kind: str) -> bool:
+    """Whether parsed JSON ``data`` is a file msn wrote as ``kind`` (its marker, not a look-alike's keys)."""
+    return isinstance(data, dict) and data.get(OWNER_KEY) == kind
+
+
+def _new_file_mode(existing: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask (mkstemp's
+    0600 would hide a result from the user's group, unlike every other file msn writes)."""
+    try:
+        return existing.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    On any error (disk full, ...) the temporary file is removed and the old ``path``, if any, is untouched.
-    """
+    On any error (disk full, ...) the temporary file is removed and the old ``path``, if any, is untouched. A
+    ``path`` that is a symbolic link is written through, as ``open`` would: its target is replaced, the link
+    stays (replacing the link by a file would cut it from where the user keeps the file)."""
     p = Path(path)
+    if p.is_symlink():
+        p = Path(os.path.realpath(p))
     p.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(p)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -127,7 +127,7 @@ def test_eval_out_never_replaces_a_file_eval_did_not_write(tiny_dir, data_file, 
     argv = ["eval", "--model", str(tiny_dir), "--task", "heldout-loss", "--data", str(data_file), "--limit", "1"]
     assert main([*argv, "--out", str(precious)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "precious.jsonl: exists and is not an msn eval result; choose another --out" in err, err
+    assert "precious.jsonl: exists and was not written by msn eval" in err and "choose another --out" in err, err
     assert precious.read_bytes() == data_file.read_bytes(), "the user's file is untouched"
     ours = tmp_path / "r.json"
     assert main([*argv, "--out", str(ours)]) == 0
@@ -187,3 +187,33 @@ def test_a_flag_the_task_does_not_use_is_refused_not_ignored(task, extra, flag, 
     rc = main(["eval", "--model", str(tiny_dir), "--task", task, *data, "--limit", "1", *extra])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and f"{flag} is not used by --task {task}" in err, err
+
+
+def test_eval_out_owns_a_file_by_its_marker_and_writes_through_a_symlink(tiny_dir, data_file, tmp_path, capsys):
+    """Issue 36 item 5: a user's JSON that merely has "task" and "model" keys is not ours; a symlinked --out
+    keeps its link (the target is written, readable like any other file: 0644 under umask 022)."""
+    import os
+
+    argv = ["eval", "--model", str(tiny_dir), "--task", "heldout-loss", "--data", str(data_file), "--limit", "1"]
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"task": "denoise", "model": "my-notes", "notes": "keep me"}))
+    before = mine.read_bytes()
+    assert main([*argv, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mine.json: exists and was not written by msn eval" in err[0], err
+    assert mine.read_bytes() == before
+    target = tmp_path / "results" / "r.json"
+    link = tmp_path / "latest.json"
+    target.parent.mkdir()
+    link.symlink_to(target)
+    old = os.umask(0o022)
+    try:
+        assert main([*argv, "--out", str(link)]) == 0  # a dangling link: its target is created
+        assert main([*argv, "--out", str(link)]) == 0  # and then replaced, as eval's own
+    finally:
+        os.umask(old)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    result = json.loads(target.read_text())
+    assert result["msn_output"] == "eval" and result["samples"] == 1
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert "msn_output" not in capsys.readouterr().out  # the marker is not a result to print

@@ -12,7 +12,7 @@ from typing import Any
 from msn.bench.flags import add_quantize_argument
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL
-from msn.outputs import atomic_write_text, read_small_json
+from msn.outputs import OWNER_KEY, atomic_write_text, owned, read_small_json
 
 TASKS = ("denoise", "heldout-loss", "agreement", "humaneval")
 _DATA_TASKS = ("denoise", "heldout-loss", "agreement")
@@ -124,16 +124,19 @@ def train_heldout(args: argparse.Namespace, tokenizer, max_length: int | None):
     return held
 
 
+OWNER = "eval"  # the marker eval results carry: {"msn_output": "eval", ...}
+
+
 def check_out(path: str | os.PathLike) -> None:
     """``--out`` may replace only a result ``msn eval`` wrote: a slip such as ``--out data.jsonl`` must never
-    destroy the user's file. Recognised by eval's JSON: an object with a known task and the model."""
+    destroy the user's file. Recognised by the marker only msn writes (``"msn_output": "eval"``), not by keys a
+    user's JSON may have too (``task``, ``model``); results from before the marker are refused as well."""
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         return
-    ours = read_small_json(p)
-    if not (isinstance(ours, dict) and ours.get("task") in TASKS and "model" in ours):
-        raise InputError("exists and is not an msn eval result; choose another --out (or delete the file)",
-                         where=str(p))
+    if not owned(read_small_json(p), OWNER):
+        raise InputError(f"exists and was not written by msn eval (no \"{OWNER_KEY}\": \"{OWNER}\" in it); choose "
+                         "another --out (or delete the file)", where=str(p))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -149,6 +152,8 @@ def print_table(results: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in results.items():
+        if k == OWNER_KEY:
+            continue
         if isinstance(v, dict | list):
             v = json.dumps(v, default=str)
             if len(v) > 80:
@@ -203,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     except (OSError, ValueError) as e:
         raise InputError(str(e).splitlines()[0], where=args.model, field="model") from None
-    results = {"task": args.task, "model": args.model}
+    results = {OWNER_KEY: OWNER, "task": args.task, "model": args.model}
     if quantize != "none":  # the int4 model's quality is a different number from its float weights'
         results["quantize"] = quantize
     if args.task != "humaneval":
