@@ -4,7 +4,8 @@
 
 Random weights of the model's Linear shapes (no model load, a few seconds per kernel): bf16 ``F.linear``,
 bf16 packed oneDNN (msn.decoding.packed's kernel), torch's ``aten._weight_int4pack_mm_for_cpu`` (group 32) with
-bf16 and fp32 activations, and torchao's int4 CPU path when it is importable. Prints the median milliseconds of
+bf16 activations (``--fp32``: fp32 too, slow), and torchao's int4 CPU path when it is importable
+(``PYTHONPATH=<a pip --target folder with torchao>``: it is not a dependency). Prints the median milliseconds of
 one pass over every layer (layers in model order, so the caches see what a forward sees).
 """
 
@@ -42,7 +43,7 @@ def _time(fn, repeats: int) -> float:
     return 1000 * statistics.median(out)
 
 
-def kernels(layers, group: int):
+def kernels(layers, group: int, fp32: bool = False):
     """name -> (per-layer state builder, per-layer call); built once per kernel, freed after."""
     from msn.int4 import Int4Linear
 
@@ -60,14 +61,16 @@ def kernels(layers, group: int):
         return Int4Linear.from_codes(q, torch.rand(n, k // group) * 0.01, torch.randn(n, k // group) * 0.01, group)
 
     out = {"bf16 F.linear": (bf16, torch.bfloat16), "bf16 packed oneDNN": (packed, torch.bfloat16),
-           "int4 aten, bf16 act": (int4, torch.bfloat16), "int4 aten, fp32 act": (int4, torch.float32)}
+           "int4 aten, bf16 act": (int4, torch.bfloat16)}
+    if fp32:  # slow: the kernel's fp32 path is not vectorized (~20x the bf16 time)
+        out["int4 aten, fp32 act"] = (int4, torch.float32)
     try:
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import quantize_
-        from torchao.quantization.quant_api import Int4WeightOnlyConfig
 
-        def ao(k, n):
+        def ao(k, n):  # torchao 0.18's CPU int4 (Int4OpaqueTensor), a prototype there
             lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
-            quantize_(lin, Int4WeightOnlyConfig(group_size=group, int4_packing_format="opaque"))
+            quantize_(lin, PrototypeInt4WeightOnlyConfig(group_size=group))
             return lin
 
         out["int4 torchao opaque, bf16 act"] = (ao, torch.bfloat16)
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--group", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fp32", action="store_true", help="also int4 with fp32 activations (slow)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.shapes}: {len(layers)} Linear layers, {args.threads} thread(s), ms per pass over all layers")
     print(f"{'kernel':32}" + "".join(f"{'M=' + str(m):>9}" for m in rows))
     with torch.inference_mode():
-        for name, (build, dtype) in kernels(layers, args.group).items():
+        for name, (build, dtype) in kernels(layers, args.group, args.fp32).items():
             calls = [(build(k, n), k) for k, n in layers]
             ms = []
             for m in rows:
