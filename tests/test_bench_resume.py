@@ -263,3 +263,38 @@ def test_summary_covers_only_this_runs_questions(setup, tmp_path, capsys):
     assert s["methods"]["ar"]["overall"]["answers"] == 1
     assert "1 questions" in capsys.readouterr().out
     assert ids(out, "ar") == [1, 2, "three"]  # the other answers stay, for a later run that selects them
+
+
+def test_overwrite_deletes_only_the_answers_of_recorded_methods(setup, tmp_path, capsys):
+    """Issue 36 item 7: answers/pld.jsonl the user put beside a bench (a method no run used) is theirs:
+    --overwrite keeps it, and a run with pld refuses to append to it or replace it."""
+    path, calls = setup
+    out = tmp_path / "out"
+    assert bench(path, out) == 0  # ar, jacobi
+    mine = out / "answers" / "pld.jsonl"
+    mine.write_text("my own pld answers\n")
+    assert bench(path, out, "--overwrite") == 0
+    assert mine.read_text() == "my own pld answers\n"
+    assert ids(out, "ar") == [1, 2, "three"]
+    capsys.readouterr()
+    for extra in ((), ("--overwrite",)):
+        calls.clear()
+        assert bench(path, out, *extra, methods="ar,pld") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "answers/pld.jsonl exists, but no bench recorded" in err[0], err
+        assert "move it away, or choose another --out" in err[0] and calls == []
+        assert mine.read_text() == "my own pld answers\n"
+
+
+def test_an_unreadable_record_is_not_overwritten_blind(setup, tmp_path, capsys):
+    path, _ = setup
+    out = tmp_path / "out"
+    assert bench(path, out) == 0
+    (out / session.BENCH_FILE).write_text("{not json")
+    before = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+    for extra in ((), ("--overwrite",)):
+        assert bench(path, out, *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot tell which files there it wrote" in err[0], err
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -9,8 +9,9 @@ appends the rest -- as long as model, dtype, device, tree, token budget and samp
 temperature/top-k/top-p/min-p and seed) are the same (otherwise it refuses, naming the setting), and as long as
 each question already answered is the same question (category and turns) in this run's question file. A
 non-empty folder without ``bench.json`` holds no bench and is refused, ``--overwrite`` or not: files there that
-merely have a bench's names are the user's. ``--overwrite`` deletes only the files a bench writes, and only
-once the model has loaded and every question's first turn is known to fit its context.
+merely have a bench's names are the user's. ``--overwrite`` deletes only what the benches recorded in
+``bench.json`` wrote (the answers of the methods its runs list, the report), and only once the model has loaded
+and every question's first turn is known to fit its context.
 """
 
 from __future__ import annotations
@@ -161,12 +162,14 @@ def plan_out(out: Path, settings: dict, overwrite: bool) -> str:
     if not check_bench_out(out):
         return "fresh"
     record = out / BENCH_FILE
+    try:
+        loaded = json.loads(record.read_text(encoding="utf-8"))
+        old, _ = loaded["settings"], recorded_methods(loaded)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{record} is unreadable, so msn cannot tell which files there it wrote; restore it, or "
+                         "choose another --out", field="out") from None
     if overwrite:
         return "overwrite"
-    try:
-        old = json.loads(record.read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{record} is unreadable; pass --overwrite to start this bench again", field="out") from None
     diffs = _differences(old, settings)
     if diffs:
         raise InputError(f"{out} holds a bench with other settings ({'; '.join(diffs)}); rerun with the recorded "
@@ -174,14 +177,37 @@ def plan_out(out: Path, settings: dict, overwrite: bool) -> str:
     return "resume"
 
 
+def recorded_methods(record: dict) -> list[str]:
+    """The methods the runs in a ``bench.json`` answered with: whose answer files a bench wrote."""
+    runs = record.get("runs", [])
+    if not isinstance(runs, list):
+        raise TypeError("runs")
+    return sorted({m for r in runs for m in r.get("methods", []) if m in runner.BENCH_METHODS})
+
+
 def _owned_files(out: Path) -> list[Path]:
+    """What the benches recorded in ``bench.json`` wrote: the record, the report, and the answers of the methods
+    its runs list (never a method's file by its name alone: ``answers/pld.jsonl`` the user put there stays)."""
+    record = json.loads((out / BENCH_FILE).read_text(encoding="utf-8"))
     files = [out / BENCH_FILE, *(out / f for f in REPORT_FILES)]
-    files += [answers_path(out, m) for m in runner.BENCH_METHODS]
+    files += [answers_path(out, m) for m in recorded_methods(record)]
     return files
 
 
+def check_foreign_answers(out: Path, methods: Sequence[str]) -> None:
+    """Refuse an answers file of one of ``methods`` that no recorded run wrote: this run would append to it (and
+    count its lines as answers), or --overwrite would have to delete a file msn did not write."""
+    record = json.loads((out / BENCH_FILE).read_text(encoding="utf-8"))
+    ours = set(recorded_methods(record))
+    for m in methods:
+        path = answers_path(out, m)
+        if m not in ours and (path.exists() or path.is_symlink()):
+            raise InputError(f"{path} exists, but no bench recorded in {out / BENCH_FILE} answered with {m}, so it is "
+                             "not msn's to extend or replace; move it away, or choose another --out", field="out")
+
+
 def clear_bench(out: Path) -> None:
-    """Delete what a bench writes, nothing else (a folder of other files keeps them)."""
+    """Delete what the recorded benches wrote, nothing else (a folder of other files keeps them)."""
     for f in _owned_files(out):
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
@@ -264,6 +290,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, console=None) -> Ben
     out = Path(cfg.out)
     settings = bench_settings(cfg, device, tree)
     mode = plan_out(out, settings, cfg.overwrite)
+    if mode != "fresh":
+        check_foreign_answers(out, cfg.methods)
     if mode == "resume":  # read (and check) what is there before the model loads
         check_same_questions(out, cfg.methods, cfg.questions)
     if model is None:
