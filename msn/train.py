@@ -12,8 +12,11 @@ denoising-accuracy callback and an output folder that is never left half-written
 - ``--resume`` restarts from the last *complete* checkpoint (Trainer writes ``trainer_state.json`` last),
   and refuses a setting that differs from the one recorded in ``msn-run.json`` (only the length of the
   run -- ``--max-steps`` / ``--epochs`` -- and how often it logs, evaluates and saves may change);
-- ``--overwrite`` deletes only what msn and the Trainer wrote (checkpoints, ``msn-run.json``) and keeps the
-  old final model until the new one replaces it;
+- ``--overwrite`` deletes only what this run family recorded writing (the checkpoints listed in
+  ``msn-run.json``, which names each one before the Trainer writes it, and ``msn-run.json``), never a folder by
+  its name, and keeps the old final model until the new one replaces it; a ``checkpoint-N`` folder the record
+  does not list is the user's, and a run into its folder is refused (the Trainer's checkpoint rotation deletes
+  ``checkpoint-*`` folders by name);
 - the final model goes to a temporary folder first; its files are moved in with ``os.replace`` and
   ``msn.json`` last, so ``msn.json`` present means the final model is complete. ``msn.json`` lists the
   model's files, so the next ``--overwrite`` knows which files are ours.
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fnmatch
 import json
 import math
 import os
@@ -50,12 +52,6 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 RESUME_FIXED = ("model", "data", "noise", "noise_length", "noise_segments", "noise_prob", "noise_loss_weight",
                 "lora", "lora_r", "bf16", "batch_size", "grad_accum", "lr", "warmup_steps", "max_length", "max_samples",
                 "eval_samples", "seed")
-# What ``save_pretrained`` / ``save_model`` write: a final model from before msn.json listed its files.
-MODEL_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                       "pytorch_model.bin.index.json", "adapter_model.*", "adapter_config.json", "config.json",
-                       "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
-                       "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-                       "chat_template.json", "training_args.bin")
 
 
 @dataclass
@@ -89,6 +85,7 @@ class TrainConfig:
     max_samples: int | None = None
     eval_samples: int = 64
     seed: int = 0
+    threads: int | None = None  # torch CPU threads (None: torch's choice)
     extra: dict[str, Any] = field(default_factory=dict)  # extra TrainingArguments (advanced / tests)
 
     def noise_config(self) -> NoiseConfig:
@@ -111,6 +108,52 @@ def last_checkpoint(output: str | os.PathLike) -> Path | None:
     return max(done)[1] if done else None
 
 
+def recorded_checkpoints(output: Path) -> set[str] | None:
+    """The checkpoint folders this run family wrote, from ``msn-run.json`` (None: a record from before msn
+    listed them, or none)."""
+    try:
+        listed = json.loads((output / RUN_FILE).read_text()).get("checkpoints")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {str(c) for c in listed if _CKPT.match(str(c))} if isinstance(listed, list) else None
+
+
+def our_checkpoints(output: Path) -> list[Path]:
+    """The checkpoint folders in ``output`` that this run family wrote: the recorded ones; for a record from
+    before the list, the complete ones (``trainer_state.json``, which the Trainer writes last)."""
+    if not output.is_dir():
+        return []
+    recorded = recorded_checkpoints(output)
+    dirs = [d for d in output.iterdir() if _CKPT.match(d.name) and d.is_dir() and not d.is_symlink()]
+    if recorded is None:
+        return [d for d in dirs if (d / "trainer_state.json").is_file()]
+    return [d for d in dirs if d.name in recorded]
+
+
+def record_checkpoint(output: Path, name: str) -> None:
+    """Add ``name`` to the run's record, before the Trainer writes the folder (a crash in between leaves a name
+    without a folder, never a folder msn wrote without its name)."""
+    from msn.outputs import atomic_write_text
+
+    record = json.loads((output / RUN_FILE).read_text())
+    listed = record.get("checkpoints") if isinstance(record.get("checkpoints"), list) else []
+    if name not in listed:
+        record["checkpoints"] = [*listed, name]
+        atomic_write_text(output / RUN_FILE, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _record_checkpoints_callback(output: Path):
+    """Records each checkpoint's name at the end of the step that saves it (the Trainer saves right after)."""
+    from transformers import TrainerCallback
+
+    class RecordCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save and state.is_world_process_zero:
+                record_checkpoint(output, f"checkpoint-{state.global_step}")
+
+    return RecordCheckpoints()
+
+
 def check_output_dir(output: str | os.PathLike, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that holds another run (or anything else) unless told to resume or overwrite it."""
     p = Path(output)
@@ -129,17 +172,26 @@ def check_output_dir(output: str | os.PathLike, resume: bool, overwrite: bool) -
         raise InputError("output folder is not empty and holds no msn run; choose an empty or new folder", str(p), "output")
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other", str(p), "output")
+    ours = {d.name for d in our_checkpoints(p)}
+    foreign = sorted((d.name for d in p.iterdir() if _CKPT.match(d.name) and d.name not in ours),
+                     key=lambda n: int(n.split("-")[1]))
+    if foreign:
+        raise InputError(f"output folder holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which "
+                         f"this run did not write (not in {RUN_FILE}): --overwrite would delete it and the Trainer's "
+                         "checkpoint rotation could; move it out of the folder, or choose another --output", str(p),
+                         "output")
     if not (resume or overwrite):
         raise InputError("output folder holds another run; pass --resume to continue it or --overwrite to replace it", str(p), "output")
 
 
 def clear_run(output: Path) -> None:
-    """For ``--overwrite``: delete the previous run's checkpoints and run record -- and nothing else. The
-    old final model (and its ``msn.json``) stays until :func:`publish_final` replaces it; files msn did not
-    write are never touched."""
-    for d in output.iterdir():
-        if d.is_dir() and (_CKPT.match(d.name) or d.name == TMP_FINAL):
-            shutil.rmtree(d)
+    """For ``--overwrite``: delete the previous run's checkpoints (those its record lists) and run record -- and
+    nothing else. The old final model (and its ``msn.json``) stays until :func:`publish_final` replaces it;
+    files msn did not write are never touched."""
+    for d in our_checkpoints(output):
+        shutil.rmtree(d)
+    if (output / TMP_FINAL).is_dir() and not (output / TMP_FINAL).is_symlink():
+        shutil.rmtree(output / TMP_FINAL)
     with contextlib.suppress(FileNotFoundError):
         (output / RUN_FILE).unlink()
 
@@ -152,7 +204,7 @@ def final_model_files(output: Path) -> set[str]:
         return set()
     if isinstance(listed, list):
         return {str(f) for f in listed if "/" not in str(f)}
-    return {f.name for f in output.iterdir() if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in MODEL_FILE_PATTERNS)}
+    return set()  # a final model from before msn.json listed its files: nothing is deleted by its name
 
 
 def check_resume(output: Path, cfg: TrainConfig) -> None:
@@ -286,6 +338,9 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--max-samples must be positive, got {cfg.max_samples}", field="max_samples")
     if not 0 <= cfg.seed <= 2**32 - 1:  # transformers' set_seed refuses others, after the run folder is written
         raise InputError(f"--seed must be between 0 and {2**32 - 1}, got {cfg.seed}", field="seed")
+    from msn.bench.flags import at_least
+
+    at_least(cfg, {"threads": 1})  # type: ignore[arg-type]  # reads the field like a flag
     if not (math.isfinite(cfg.noise_loss_weight) and cfg.noise_loss_weight > 0):
         raise InputError("--noise-loss-weight must be a positive number (1 = the paper's loss), got "
                          f"{cfg.noise_loss_weight}", field="noise_loss_weight")
@@ -361,14 +416,17 @@ def run_record(cfg: TrainConfig, model_path: str, output: Path, resume_from: Pat
     """What ``msn-run.json`` holds: the settings the run started with; a resumed run keeps that record and
     adds a note of each resumed segment."""
     record: dict[str, Any] = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
-                              "model_path": model_path}
+                              "model_path": model_path, "checkpoints": []}
     if cfg.resume:
+        # the checkpoints it continues from are this family's (a record from before the list: the complete ones)
+        ours = sorted(d.name for d in our_checkpoints(output))
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             old = json.loads((output / RUN_FILE).read_text())
             segments = list(old.get("resumed", []))
             record = {**old, "resumed": [*segments, {
                 "from": resume_from.name if resume_from else None,
                 "max_steps": cfg.max_steps, "epochs": cfg.epochs}]}
+        record["checkpoints"] = sorted(set(record.get("checkpoints") or []) | set(ours))
     return record
 
 
@@ -433,6 +491,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     from msn.outputs import check_output_dir as check_writable
 
     check_writable(output, "--output")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     model_path = resolve_model(cfg.model)
     # The loaders name a model folder they cannot use themselves (MsnError); an OSError of the data reading
     # names its own file, so nothing here is blamed on --model.
@@ -462,7 +524,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.resume:
         _print(f"resuming from {resume_from}" if resume_from else "no complete checkpoint found: starting from scratch")
 
-    all_callbacks = list(callbacks or [])
+    all_callbacks = [_record_checkpoints_callback(output), *(callbacks or [])]
     if evaluate:
         all_callbacks.append(_denoise_callback(held.samples, cfg.noise_length, cfg.seed, cfg.batch_size))
     trainer = trainer_class(noise, cfg.noise_loss_weight)(
@@ -552,6 +614,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out samples per evaluation")
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -561,7 +625,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # on a line of its own (the progress bar holds the cursor), saying what is kept
+        last = last_checkpoint(cfg.output)
+        kept = (f"{last.name} is kept: rerun with --resume (instead of --overwrite) to continue from it" if last
+                else "no checkpoint was saved yet: rerun to start again")
+        print(f"\nmsn train: interrupted; {kept}", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

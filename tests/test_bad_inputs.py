@@ -92,6 +92,7 @@ CASES = [
     ("eval-noise-length", [*E, "--noise-length", "10000"], "--noise-length 10000 does not fit in --max-length 512"),
     ("eval-limit", [*E, "--limit", "0"], "--limit must be positive"),
     ("eval-empty-model", [*E, "--model", "empty-model"], "empty-model: folder holds no model"),
+    ("eval-threads", [*E, "--threads", "0"], "--threads must be >= 1"),
     # msn tune-tree
     ("tune-out-is-folder", [*T, "--out", "a-folder"], "a-folder is a folder; give a file name"),
     ("tune-out-read-only", [*T, "--out", "ro/tree.json"], "read-only file system"),
@@ -117,6 +118,10 @@ CASES = [
      "--epochs must be a positive number"),
     ("train-batch-size", ["train", "--model", "{tiny}", "--data", "train.jsonl", "--output", "r",
                           "--batch-size", "0"], "--batch-size must be positive"),
+    ("train-threads", ["train", "--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--threads", "0"],
+     "--threads must be >= 1"),
+    ("train-threads-too-many", ["train", "--model", "{tiny}", "--data", "train.jsonl", "--output", "r", "--threads",
+                                "100000"], "--threads 100000 is more than the"),
     ("train-resume-and-overwrite-flags", ["train", "--output", "r", "--lr", "nan"], "--lr must be a positive number"),
     # msn generate (its module belongs to decoding; these reach the CLI boundary)
     ("generate-prompt-utf16", ["generate", "--file", "prompt-utf16.txt", "--model", "{tiny}", "--device", "cpu"],

@@ -151,3 +151,77 @@ def test_an_empty_data_file_says_so_and_only_length_drops_blame_max_length(tmp_p
     assert not out.exists()
     one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Count from 1.", "response": "1 2 3"}])
     assert train(fast(tiny_dir, one, out, max_steps=1))["data"]["train_samples"] == 1  # a tiny file still trains
+
+
+# -- issue 36 item 6: --overwrite deletes what the run family recorded, nothing by its name ---------------------
+def test_a_checkpoint_named_folder_the_run_did_not_write_is_never_deleted(tmp_path, tiny_dir, data_file):
+    out = tmp_path / "t1"
+    train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=1))
+    assert json.loads((out / RUN_FILE).read_text())["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+    (out / "checkpoint-77").mkdir()
+    (out / "checkpoint-77" / "notes.md").write_text("my notes")
+    before = snapshot(out)
+    for flags in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(InputError, match=r"holds checkpoint-77, which this run did not write .*move it out"):
+            train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=1, **flags))
+        assert snapshot(out) == before, flags
+    (out / "checkpoint-77" / "notes.md").rename(tmp_path / "notes.md")
+    (out / "checkpoint-77").rmdir()
+    meta = train(fast(tiny_dir, data_file, out, max_steps=1, save_steps=1, overwrite=True))
+    assert meta["steps"] == 1 and not (out / "checkpoint-2").exists()  # the recorded ones were deleted
+    assert json.loads((out / RUN_FILE).read_text())["checkpoints"] == ["checkpoint-1"]
+
+
+def test_a_run_recorded_before_the_list_deletes_only_complete_checkpoints(tmp_path, tiny_dir, data_file):
+    """Runs from before msn-run.json listed its checkpoints: the complete ones (trainer_state.json) are the run's;
+    a user's folder named like one (no trainer_state.json) is refused, not deleted."""
+    out = tmp_path / "old"
+    train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=1))
+    record = json.loads((out / RUN_FILE).read_text())
+    del record["checkpoints"]
+    (out / RUN_FILE).write_text(json.dumps(record))
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "mine.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds checkpoint-9, which this run did not write"):
+        train(fast(tiny_dir, data_file, out, max_steps=2, save_steps=1, overwrite=True))
+    assert (out / "checkpoint-9" / "mine.txt").read_text() == "mine" and (out / "checkpoint-2").is_dir()
+    (out / "checkpoint-9" / "mine.txt").unlink()
+    (out / "checkpoint-9").rmdir()
+    resumed = train(fast(tiny_dir, data_file, out, max_steps=3, save_steps=1, resume=True))
+    assert resumed["steps"] == 3  # resumed from the legacy checkpoint-2, and the record now lists them all
+    assert json.loads((out / RUN_FILE).read_text())["checkpoints"] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_a_final_model_without_a_file_list_loses_no_file_by_its_name(tmp_path, tiny_dir, data_file):
+    out = tmp_path / "run"
+    train(fast(tiny_dir, data_file, out, max_steps=1, save_steps=1))
+    meta = json.loads((out / "msn.json").read_text())
+    del meta["files"]
+    (out / "msn.json").write_text(json.dumps(meta))
+    (out / "vocab.txt").write_text("the user's vocab notes")  # a name save_pretrained could write
+    train(fast(tiny_dir, data_file, out, max_steps=1, save_steps=1, overwrite=True))
+    assert (out / "vocab.txt").read_text() == "the user's vocab notes"
+
+
+def test_ctrl_c_says_what_is_kept_on_a_line_of_its_own(tmp_path, tiny_dir, data_file, monkeypatch, capsys):
+    """Issue 36 item 12: Ctrl-C used to end msn train with 130 and a word lost inside the progress bar."""
+    from transformers import Trainer
+
+    from msn.cli import main
+
+    real = Trainer.training_step
+
+    def interrupted(self, *a, **kw):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    argv = ["train", "--model", str(tiny_dir), "--data", str(data_file), "--max-length", "64", "--eval-steps", "0",
+            "--max-steps", "10", "--save-steps", "2", "--threads", "1"]
+    assert main([*argv, "--output", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "\nmsn train: interrupted; checkpoint-2 is kept: rerun with --resume" in err, err[-500:]
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main([*argv, "--output", str(tmp_path / "fresh")]) == 130
+    assert "interrupted; no checkpoint was saved yet: rerun to start again" in capsys.readouterr().err

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="denoise: seed of the (fixed) evaluation noise (default 0)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     add_quantize_argument(p)
 
 
@@ -185,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         check_batching(args.method, args.batch_size)
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, got {args.limit}", field="limit")
+    from msn.bench.flags import at_least
+
+    at_least(args, {"threads": 1})
     if args.task == "denoise" and args.noise_length >= args.max_length:
         raise InputError(f"--noise-length {args.noise_length} does not fit in --max-length {args.max_length} tokens; "
                          "use a noise length below the max length", field="noise_length")
@@ -201,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
         check_out(args.out)
     if args.task != "humaneval":  # a missing or empty data file, too
         check_has_records(args.data)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, quantize=quantize)
