@@ -524,3 +524,27 @@ def test_whole_decode_is_reproducible_with_a_seed(monkeypatch):
     assert not torch.equal(tables[0], tables[2]), "another seed draws other padding noise"
     assert all(set(t.flatten().tolist()) <= set(ids[0].tolist()) for t in tables)
 
+
+
+@pytest.mark.parametrize("sample", [{}, {"do_sample": True, "temperature": 0.8, "seed": 5}], ids=["greedy", "sampled"])
+def test_jacobi_on_a_vocabulary_smaller_than_its_top_k(sample):
+    """Issue 36 item 10: a vocab-8 model has 8 candidates where the table holds 10; the rest is padding noise
+    (it crashed in torch.cat), and every method that includes Jacobi still gives ar's text."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.tensor([[3, 4, 5, 3, 4, 5, 6]])
+    ref = msn.generate(model, ids, max_new_tokens=20, method="ar", eos_token_id=[], **sample).sequences
+    for method in ("jacobi", "tr-jacobi"):
+        out = msn.generate(model, ids, max_new_tokens=20, method=method, eos_token_id=[], **sample)
+        assert torch.equal(out.sequences, ref), method
+    source = JacobiSource()
+    source.begin(ids[0], None, torch.Generator().manual_seed(0))
+    source.observe(verified((0, 1, 2), rejected=(1, 2), committed=(3, 4, 5), vocab=8,
+                            top_ids=torch.arange(8).repeat(3, 1), top_probs=torch.full((3, 8), 0.125)))
+    assert source.table.shape == source.probs.shape == (5, 10)
+    assert source.table[:2, :8].tolist() == [list(range(8))] * 2 and source.probs[:2, 8:].eq(0).all()

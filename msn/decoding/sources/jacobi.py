@@ -72,8 +72,13 @@ class JacobiSource(DraftSource):
         tables, probs = [], []
         if fresh:
             rows = step.rejected[:fresh]
-            tables.append(step.top_ids[rows, : self.top_k].cpu())
-            probs.append(step.top_probs[rows, : self.top_k].cpu())
+            ids, p = step.top_ids[rows, : self.top_k].cpu(), step.top_probs[rows, : self.top_k].cpu()
+            short = self.top_k - ids.shape[1]
+            if short > 0:  # a vocabulary smaller than K has fewer candidates: the rest of the row is padding noise
+                ids = torch.cat([ids, self._noise(step.committed, fresh)[:, :short]], dim=1)
+                p = torch.cat([p, torch.zeros(fresh, short, dtype=p.dtype)], dim=1)
+            tables.append(ids)
+            probs.append(p)
         if fresh < self.depth:
             tables.append(self._noise(step.committed, self.depth - fresh))
             probs.append(torch.zeros(self.depth - fresh, self.top_k))
