@@ -3,6 +3,12 @@ interleaved per question (first turns of Spec-Bench questions, 128 new tokens, t
 
     pip install llama-cpp-python        # no wheel on this index: builds from source (cmake + g++, ~10 min)
     python benchmarks/llamacpp_gap.py --per-category 1 --threads 1 --out runs/llamacpp-gap.json
+    python benchmarks/llamacpp_gap.py --quantize none,int4 --per-category 2 --threads 1 --out runs/llamacpp-int4.json
+
+``--quantize none,int4`` runs msn's `ar` and `tr-jacobi` on both weight formats in the same interleaved run
+(``int4``: the preset's own 4-bit GGUF codes, msn.int4); ``--model`` takes another preset (its GGUF parts are
+joined into a temporary file for llama.cpp). Each engine's first-token time (prompt evaluation plus one token)
+is recorded beside the total, so prompt evaluation can be reported apart.
 
 llama.cpp runs the SmolLM2-135M-Instruct GGUF the `smollm2-135m` preset is converted from (Q4_1: 4-bit
 weights, 4x less to read per token than bf16), so the gap is "what a CPU user gets from llama.cpp today",
@@ -32,27 +38,44 @@ from msn.prompting import encode_chat, eos_ids
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
-def gguf_path() -> Path:
-    """The GGUF file the smollm2-135m preset is converted from (found without importing its package)."""
+def gguf_parts_of(model: str) -> list[Path]:
+    """The GGUF file (or parts) a preset is converted from (found without importing its package)."""
     from msn.models import PRESETS, gguf_parts
 
-    parts = gguf_parts(PRESETS["smollm2-135m"])
-    if len(parts) != 1:
-        raise InputError(f"expected one GGUF file for smollm2-135m, found {len(parts)}")
-    return parts[0]
+    if model not in PRESETS:
+        raise InputError(f"--model must be a preset ({', '.join(PRESETS)}): llama.cpp runs its GGUF file")
+    return gguf_parts(PRESETS[model])
 
 
-def llamacpp_greedy(llm, ids: list[int], max_new_tokens: int) -> tuple[int, float]:
-    """New tokens and seconds for llama.cpp's greedy decoding of ``ids`` (prompt evaluation included)."""
+def llamacpp_greedy(llm, ids: list[int], max_new_tokens: int) -> tuple[int, float, float]:
+    """New tokens, seconds and first-token seconds for llama.cpp's greedy decoding of ``ids`` (prompt
+    evaluation included)."""
     start = time.perf_counter()
-    new = 0
+    new, first = 0, float("nan")
     for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if new == 0:
+            first = time.perf_counter() - start
         if llm.token_eos() == token:
             break
         new += 1
         if new >= max_new_tokens:
             break
-    return new, time.perf_counter() - start
+    return new, time.perf_counter() - start, first
+
+
+class FirstToken:
+    """A streamer that notes when msn's first new tokens arrive (the first put is the prompt)."""
+
+    def __init__(self):
+        self.start, self.puts, self.first = time.perf_counter(), 0, float("nan")
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--model", default="smollm2-135m", help="a preset (llama.cpp runs its GGUF file)")
+    p.add_argument("--quantize", default="none", help="msn weight formats, comma-separated: none, int4")
     p.add_argument("--out", default=None, help="JSON file for the per-question numbers")
     args = p.parse_args(argv)
+    formats = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    if not formats or any(q not in ("none", "int4") for q in formats):
+        raise InputError(f"--quantize must list none and/or int4, got {args.quantize!r}")
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -73,40 +101,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     questions = select(load_questions(args.questions), per_category=args.per_category, limit=args.limit)
-    model, tok = load_model("smollm2-135m", dtype=args.dtype)
-    eos = eos_ids(model, tok)
-    gguf = gguf_path()
-    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
-                n_batch=512, verbose=False)
-    states = {m: DecoderState() for m in ("ar", "tr-jacobi")}
-    rows = []
-    warm = encode_chat(tok, [{"role": "user", "content": "Say hello."}])
-    llamacpp_greedy(llm, warm[0].tolist(), 8)
-    for m in states:
-        generate(model, warm, max_new_tokens=8, method=m, eos_token_id=eos, state=states[m])
-    for i, q in enumerate(questions):
-        ids = encode_chat(tok, [{"role": "user", "content": q.turns[0]}])
-        row = {"question_id": q.question_id, "category": q.category, "prompt_tokens": int(ids.shape[1])}
-        order = ["llama.cpp", "ar", "tr-jacobi"]
-        for name in order if i % 2 == 0 else order[::-1]:  # alternate, so drift hits every engine alike
-            if name == "llama.cpp":
-                new, wall = llamacpp_greedy(llm, ids[0].tolist(), args.max_new_tokens)
-            else:
-                out = generate(model, ids, max_new_tokens=args.max_new_tokens, method=name, eos_token_id=eos,
-                               state=states[name])
-                new, wall = out.new_tokens, out.wall_time
-            row[name] = {"new_tokens": new, "seconds": wall, "tps": new / wall}
-        rows.append(row)
-        print(f"{i + 1}/{len(questions)} {q.category}: " + "  ".join(
-            f"{n} {row[n]['tps']:.1f}" for n in order) + " tok/s", flush=True)
-    summary = {n: statistics.median(r[n]["tps"] for r in rows) for n in ("llama.cpp", "ar", "tr-jacobi")}
-    ratios = {n: statistics.median(r[n]["tps"] / r["llama.cpp"]["tps"] for r in rows) for n in ("ar", "tr-jacobi")}
+    from msn.gguf_int4 import joined_gguf
+
+    models = {q: load_model(args.model, dtype=args.dtype, quantize=q) for q in formats}
+    tok = next(iter(models.values()))[1]
+    eos = eos_ids(next(iter(models.values()))[0], tok)
+    with joined_gguf(gguf_parts_of(args.model)) as gguf:
+        llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
+                    n_batch=512, verbose=False)
+        engines = {f"{m}{'' if q == 'none' else '-' + q}": (models[q][0], m) for q in formats
+                   for m in ("ar", "tr-jacobi")}
+        states = {name: DecoderState() for name in engines}
+        rows = []
+        warm = encode_chat(tok, [{"role": "user", "content": "Say hello."}])
+        llamacpp_greedy(llm, warm[0].tolist(), 8)
+        for name, (model, m) in engines.items():
+            generate(model, warm, max_new_tokens=8, method=m, eos_token_id=eos, state=states[name])
+        order = ["llama.cpp", *engines]
+        for i, q in enumerate(questions):
+            ids = encode_chat(tok, [{"role": "user", "content": q.turns[0]}])
+            row = {"question_id": q.question_id, "category": q.category, "prompt_tokens": int(ids.shape[1])}
+            for name in order if i % 2 == 0 else order[::-1]:  # alternate, so drift hits every engine alike
+                if name == "llama.cpp":
+                    new, wall, first = llamacpp_greedy(llm, ids[0].tolist(), args.max_new_tokens)
+                else:
+                    model, m = engines[name]
+                    streamer = FirstToken()
+                    out = generate(model, ids, max_new_tokens=args.max_new_tokens, method=m, eos_token_id=eos,
+                                   state=states[name], streamer=streamer)
+                    new, wall, first = out.new_tokens, out.wall_time, streamer.first
+                row[name] = {"new_tokens": new, "seconds": wall, "tps": new / wall, "first_token_seconds": first}
+            rows.append(row)
+            print(f"{i + 1}/{len(questions)} {q.category}: " + "  ".join(
+                f"{n} {row[n]['tps']:.1f}" for n in order) + " tok/s", flush=True)
+    summary = {n: statistics.median(r[n]["tps"] for r in rows) for n in order}
+    ratios = {n: statistics.median(r[n]["tps"] / r["llama.cpp"]["tps"] for r in rows) for n in engines}
     print("median tok/s: " + "  ".join(f"{n} {v:.1f}" for n, v in summary.items()))
     print("median per-question ratio to llama.cpp: " + "  ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))
+    first = {n: statistics.median(r[n]["first_token_seconds"] for r in rows) for n in order}
+    print("median first-token seconds (prompt evaluation + 1 token): " + "  ".join(
+        f"{n} {v:.3f}" for n, v in first.items()))
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(
             {"settings": vars(args), "gguf": gguf.name, "torch_dtype": args.dtype,
-             "median_tps": summary, "median_ratio_to_llamacpp": ratios, "questions": rows}, indent=1) + "\n")
+             "median_tps": summary, "median_ratio_to_llamacpp": ratios, "median_first_token_seconds": first, "questions": rows}, indent=1) + "\n")
     return 0
 
 

@@ -8,6 +8,14 @@ torchao: the same kernel, no tensor-subclass dispatch per call (measured faster 
 int4_kernels.py), and no extra dependency. Its output rows do not depend on how many rows are computed together
 (tested), so a tree's verification forward gives each token the logits a one-token step would.
 
+The kernel's cost grows steeply with the rows: one row reads a third of bf16's bytes and wins ~2x, but from ~5
+rows on oneDNN's packed bf16 weights (msn.decoding.packed) are faster, and a prompt of hundreds of rows is many
+times faster there. So with bf16 activations each layer also keeps its 4-bit weight dequantized to bf16 and
+packed for oneDNN, and a forward over more than ``wide_rows`` rows (wide trees, the prefill) runs on it: the same
+weights up to bf16 rounding (both are roundings of the one fp32 weight the codes define), at twice the memory.
+fp32 activations never take that path: they are the exact reference (and slow: the kernel's fp32 path is not
+vectorized).
+
 Codes are given GGUF's way, w = scale * q + offset (Q4_1: scale = d, offset = m); the kernel's zero is
 offset + 8 * scale. Layers that cannot be 4-bit (a shape the kernel refuses, a GGUF tensor stored in another
 format) stay float and are named once, never skipped silently.
@@ -31,6 +39,7 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32  # the GGUF block size: the finest group the kernel takes
 N_MULTIPLE = 16  # the kernel packs output rows in tiles of 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes the CPU kernel takes
+WIDE_ROWS = 4  # bf16: forwards over more rows run on packed bf16 weights (crossover ~5 rows, benchmarks/int4_kernels.py)
 
 
 def check_quantize(quantize: str | None, device: str | torch.device = "cpu",
@@ -75,6 +84,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zero", scale_zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._cast: dict[torch.dtype, torch.Tensor] = {}
+        self.wide: torch.Tensor | None = None  # the weight in bf16, packed for oneDNN (see the module docstring)
+        self.wide_rows = WIDE_ROWS
+
+    def attach_wide(self, weight: torch.Tensor, rows: int = WIDE_ROWS) -> None:
+        """Run forwards over more than ``rows`` bf16 rows on ``weight`` (this layer's dequantized weight)."""
+        from msn.decoding.packed import BATCH_HINT
+
+        self.wide = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(),
+                                                            BATCH_HINT)
+        self.wide_rows = rows
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int = DEFAULT_GROUP,
@@ -94,13 +113,6 @@ class Int4Linear(nn.Module):
         scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [in / group, out, 2]
         return cls(packed, scale_zero, group, k, n, bias)
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   group: int = DEFAULT_GROUP) -> Int4Linear:
-        """Round a float weight [out, in] to 4 bits per group: min-max, 16 levels (one rounding, in fp32)."""
-        codes, scale, offset = quantize_groups(weight, group)
-        return cls.from_codes(codes, scale, offset, group, bias)
-
     def _scale_zero(self, dtype: torch.dtype) -> torch.Tensor:
         sz = self._cast.get(dtype)
         if sz is None or sz.device != self.scale_zero.device:
@@ -112,6 +124,9 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x2.shape[0] == 0:
             out = x2.new_zeros(0, self.out_features)
+        elif self.wide is not None and x2.shape[0] > self.wide_rows and x2.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x2, self.wide, self.bias, "none", [], "").reshape(
+                *shape[:-1], self.out_features)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self._scale_zero(x.dtype))
         if self.bias is not None:
@@ -197,37 +212,58 @@ FileCodes = Callable[[str, torch.Tensor], "Codes | str | None"]
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, group: int = DEFAULT_GROUP, from_file: FileCodes | None = None) -> QuantReport:
+def quantize_model(model: nn.Module, group: int = DEFAULT_GROUP, from_file: FileCodes | None = None,
+                   wide_rows: int | None = WIDE_ROWS) -> QuantReport:
     """Replace the model's Linear layers (LM head included) by :class:`Int4Linear`, in place.
 
     ``from_file(name, weight)``: a layer's codes from the file the weights came from (a GGUF), a string saying why
     that layer stays float, or None to quantize it from its float weight. A model with no layer the kernel can
-    take is an error; every layer left in float is named in the one log line."""
+    take is an error; every layer left in float is named in the one log line. ``wide_rows``: with bf16 weights
+    (where oneDNN packs bf16), forwards over more rows run on the dequantized weight in packed bf16 (None: never)."""
     report = QuantReport()
     targets = [(name, lw) for name, mod in model.named_modules() if (lw := _linear_weight(mod)) is not None]
     if not targets:
         raise MsnError(f"quantize 'int4': {type(model).__name__} has no Linear layers to quantize")
+    wide = wide_rows is not None and _wide_available(targets[0][1][0])
     for name, (weight, bias) in targets:
         got = from_file(name, weight) if from_file is not None else None
         if isinstance(got, str):
             report.left_float[name] = got
             continue
-        if got is not None:
-            new = Int4Linear.from_codes(got.codes, got.scale, got.offset, got.group, bias)
-            report.quantized[name] = got.source
-        elif why := unsupported_shape(weight.shape[1], weight.shape[0], group):
-            report.left_float[name] = why
-            continue
-        else:
-            new = Int4Linear.from_float(weight, bias, group)
-            report.quantized[name] = f"float->int4 g{group}"
+        if got is None:
+            if why := unsupported_shape(weight.shape[1], weight.shape[0], group):
+                report.left_float[name] = why
+                continue
+            got = Codes(*quantize_groups(weight, group), group, f"float->int4 g{group}")
+        new = Int4Linear.from_codes(got.codes, got.scale, got.offset, got.group, bias)
+        if wide:
+            new.attach_wide(dequantized(got), wide_rows)
+        report.quantized[name] = got.source
         _set_module(model, name, new.to(weight.device))
     if not report.quantized:
         raise MsnError(f"quantize 'int4': none of the model's {len(targets)} Linear layers can be 4-bit here: "
                        + "; ".join(_collapse(report.left_float)))
-    model._msn_quantize = "int4"  # what t(n)'s cache key and the CLI report read
-    logger.warning("msn: int4: %s", report.summary())
+    # What t(n)'s cache key reads: the wide path makes another curve.
+    model._msn_quantize = f"int4-wide{wide_rows}" if wide else "int4"
+    note = f"; forwards over more than {wide_rows} rows run on the weights in packed bf16" if wide else ""
+    if targets[0][1][0].dtype == torch.float32:
+        note += ("; fp32 activations take the kernel's unvectorized path (~20x slower than bf16): exact, for "
+                 "checking; use bf16 for speed")
+    logger.warning("msn: int4: %s%s", report.summary(), note)
     return report
+
+
+def dequantized(codes: Codes) -> torch.Tensor:
+    """The fp32 weight [out, in] the codes define: scale * q + offset per group."""
+    n, k = codes.codes.shape
+    q = codes.codes.to(torch.float32).reshape(n, k // codes.group, codes.group)
+    return (q * codes.scale[..., None].float() + codes.offset[..., None].float()).reshape(n, k)
+
+
+def _wide_available(weight: torch.Tensor) -> bool:
+    from msn.decoding.packed import _ops_available, bf16_packable
+
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _ops_available() and bf16_packable()
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -237,4 +273,4 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantization(model: nn.Module) -> str:
     """``"int4"`` for a model :func:`quantize_model` converted, else ``"none"``."""
-    return getattr(model, "_msn_quantize", "none")
+    return getattr(model, "_msn_quantize", "none").split("-")[0]

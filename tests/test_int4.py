@@ -59,6 +59,43 @@ def test_each_row_is_computed_alike_whatever_rows_are_beside_it(dtype):
     assert layer(x[:0]).shape == (0, 128)
 
 
+def test_wide_forwards_run_on_the_same_weight_in_packed_bf16():
+    """bf16: more than ``wide_rows`` rows go to the dequantized weight packed for oneDNN; fewer to the kernel."""
+    from msn.decoding.packed import bf16_packable
+    from msn.int4 import Codes, dequantized
+
+    if not bf16_packable():
+        pytest.skip("oneDNN cannot pack bf16 on this CPU")
+    layer, codes, scale, offset, bias = _layer(n=64, k=128, bias=True)
+    w = dequantized(Codes(codes, scale, offset, 32, "test"))
+    layer.attach_wide(w, rows=4)
+    x = torch.randn(9, 128).to(torch.bfloat16)
+    wide = layer(x)
+    assert torch.equal(wide, torch.ops.mkldnn._linear_pointwise(x, layer.wide, layer.bias, "none", [], ""))
+    narrow = torch.cat([layer(x[i : i + 1]) for i in range(9)])  # the int4 kernel, row by row
+    assert torch.equal(layer(x[:4]), narrow[:4])
+    ref = x.float() @ w.t() + bias
+    assert (wide.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (narrow.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    layer32 = _layer(n=64, k=128)[0]
+    layer32.attach_wide(w, rows=4)
+    assert torch.equal(layer32(x.float()), torch.cat([layer32(x[i : i + 1].float()) for i in range(9)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_bf16_models_get_the_wide_path(dtype):
+    from msn.decoding.packed import bf16_packable
+
+    model = tiny_model("llama", dtype=dtype)
+    quantize_model(model)
+    wide = dtype == torch.bfloat16 and bf16_packable()
+    assert model._msn_quantize == ("int4-wide4" if wide else "int4")
+    assert all((m.wide is not None) == wide for m in model.modules() if isinstance(m, Int4Linear))
+    model = tiny_model("llama", dtype=dtype)
+    quantize_model(model, wide_rows=None)
+    assert model._msn_quantize == "int4"
+
+
 def test_rounding_from_float_is_within_half_a_step():
     w = torch.randn(32, 64)
     w[0, :32] = 0.25  # a constant group
