@@ -45,6 +45,28 @@ def test_demo_prints_table_and_report(tmp_path, monkeypatch, capsys):
     assert s["questions"] == 2 and s["categories"] == ["conversation"]
 
 
+def test_demo_in_bf16_explains_the_identical_column_and_proves_it_in_fp32(tmp_path, monkeypatch, capsys):
+    """Issue 36 item 13: "identical to ar: 42%" next to a README saying lossless, with no word of why."""
+    model, tok = tiny_model("llama"), ByteChatTokenizer()
+    loads = []
+
+    def load(cfg, device):
+        loads.append(cfg.dtype)
+        return (model if cfg.dtype == "fp32" else tiny_model("llama", dtype=torch.bfloat16)), tok
+
+    monkeypatch.setattr(session, "_load", load)
+    code = main(["demo", "--limit", "2", "--max-new-tokens", "8", "--dtype", "bf16", "--device", "cpu",
+                 "--methods", "ar,jacobi,tr-jacobi", "--out", str(tmp_path)])
+    assert code == 0 and loads == ["bf16", "fp32"]
+    out = capsys.readouterr().out
+    assert "identical to ar, in bf16: a tree step verifies several tokens in one forward" in out
+    assert "fp32 check: jacobi gives ar's text on 2/2 prompts; tr-jacobi gives ar's text on 2/2 prompts" in out
+    loads.clear()
+    assert main(["demo", "--limit", "1", "--max-new-tokens", "4", "--dtype", "fp32", "--device", "cpu",
+                 "--methods", "ar,tr-jacobi", "--out", str(tmp_path / "fp32")]) == 0
+    assert loads == ["fp32"] and "fp32 check" not in capsys.readouterr().out  # fp32 itself: nothing to explain
+
+
 def test_demo_rejects_bad_method(capsys):
     assert main(["demo", "--methods", "ar,fast"]) == 2
     assert "unknown method(s) fast" in capsys.readouterr().err
