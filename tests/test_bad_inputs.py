@@ -129,6 +129,8 @@ CASES = [
     ("generate-dtype-int8", ["generate", "--prompt", "hi", "--model", "{tiny}", "--dtype", "int8"],
      "'int8'"),
     ("generate-empty-model", ["generate", "--prompt", "hi", "--model", "empty-model"], "folder holds no model"),
+    ("generate-tree-with-ar", ["generate", "--prompt", "hi", "--model", "{tiny}", "--method", "ar", "--tree",
+                               "official-68"], "--tree official-68 has no effect with --method ar"),
     # issue 36 item 8: a temperature so small that logits / temperature overflows sampled token 0 every step
     ("generate-temperature-1e-300", ["generate", "--prompt", "hi", "--model", "{tiny}", "--temperature", "1e-300"],
      "temperature 1e-300 is below 1e-06: that is greedy decoding"),

@@ -81,6 +81,9 @@ def run(args) -> int:
 
     text = _read_prompt(args)
     at_least(args, {"max_new_tokens": 1, "threads": 1})
+    if args.method == "ar" and args.tree is not None:
+        raise InputError(f"--tree {args.tree} has no effect with --method ar (it drafts nothing); drop --tree or "
+                         "choose a drafting method")
     device = pick_device(args.device)
     quantize = check_quantize_flag(args, device)
     tree = resolve_tree(args.tree, torch.device(device), parse_dtype(args.dtype))  # as bench; fails before loading
