@@ -193,10 +193,22 @@ def _collapse(names: Mapping[str, str]) -> list[str]:
         groups.setdefault(key, []).append(m.group(1) if m else "")
     out = []
     for (pattern, why), idx in groups.items():
-        shown = pattern.replace("{}", "{" + ",".join(idx) + "}" if len(idx) > 1 else idx[0]) if "{}" in pattern \
+        shown = pattern.replace("{}", "{" + _ranges(idx) + "}" if len(idx) > 1 else idx[0]) if "{}" in pattern \
             else pattern
         out.append(f"{shown} ({why})")
     return out
+
+
+def _ranges(idx: list[str]) -> str:
+    """``0-23`` / ``0,1,3-5``: layer numbers, consecutive runs joined."""
+    nums = sorted(int(i) for i in idx)
+    runs: list[list[int]] = []
+    for n in nums:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}" for a, b in runs)
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

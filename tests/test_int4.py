@@ -119,6 +119,15 @@ def test_layers_the_kernel_cannot_take_are_named_once(caplog):
         quantize_model(nn.Sequential(nn.ReLU()))
 
 
+def test_float_layers_are_listed_with_layer_ranges():
+    from msn.int4 import QuantReport
+
+    names = {f"model.layers.{i}.mlp.down_proj": "GGUF Q6_K" for i in (0, 1, 3, 4, 5, 7)}
+    names["lm_head"] = "GGUF Q8_0"
+    text = QuantReport({"x": "Q4_K"}, names).summary()
+    assert "model.layers.{0,1,3-5,7}.mlp.down_proj (GGUF Q6_K); lm_head (GGUF Q8_0)" in text
+
+
 def test_bad_quantize_values_fail_before_loading():
     for kwargs, match in [({"quantize": "int5"}, "unknown quantize 'int5'"),
                           ({"quantize": "int4", "device": "meta"}, "CPU only"),
