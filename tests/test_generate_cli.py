@@ -27,8 +27,8 @@ def calls(monkeypatch):
     model = tiny_model("llama")
     tokenizers = {"chat": ByteChatTokenizer(), "plain": PlainTokenizer()}
 
-    def load_model(name, dtype=None, device=None):
-        seen["load"].append({"name": name, "dtype": dtype, "device": device})
+    def load_model(name, dtype=None, device=None, quantize="none"):
+        seen["load"].append({"name": name, "dtype": dtype, "device": device, "quantize": quantize})
         return model, tokenizers[seen.get("tok", "chat")]
 
     real = engine.generate
@@ -94,6 +94,11 @@ def test_defaults_match_msn_bench(calls, capsys):
     tree = calls["generate"][-1]["tree"]
     assert tree == resolve_tree(defaults.tree, torch.device(load["device"]), parse_dtype(defaults.dtype))
     assert f"tree {tree.name} " in capsys.readouterr().err
+
+
+def test_quantize_reaches_the_loader(calls):
+    assert run() == 0 and calls["load"][-1]["quantize"] == "none"
+    assert run("--quantize", "int4") == 0 and calls["load"][-1]["quantize"] == "int4"
 
 
 def test_threads_sets_torch_threads(calls, capsys):

@@ -152,6 +152,14 @@ def test_every_model_command_refuses_a_bad_quantize(command, capsys):
     assert "invalid choice: 'int3'" in capsys.readouterr().err
 
 
+def test_a_bench_resumes_only_with_the_same_weight_format():
+    from msn.bench.session import _differences
+
+    old = {"model": "m", "dtype": "bf16", "device": "cpu", "max_new_tokens": 8, "tree": None, "sampling": None}
+    assert _differences(old, {**old, "quantize": "none"}) == []  # a bench.json from before --quantize: float
+    assert _differences({**old, "quantize": "none"}, {**old, "quantize": "int4"}) == ["quantize 'none' -> 'int4'"]
+
+
 def test_t_n_cache_key_names_the_quantization():
     from msn.decoding.costs import cache_key
 
