@@ -219,7 +219,7 @@ def test_calibration_trials_are_the_children_of_correct_nodes(drafts, data):
         d = len(seqs[c])
         if d <= len(new) and list(seqs[c][:-1]) == new[: d - 1]:  # parent correct, own truth known
             for proposer in trie.proposers[c]:
-                want[proposer, trie.rival[c], list(seqs[c]) == new[:d]] += 1
+                want[proposer, list(seqs[c]) == new[:d]] += 1
     assert got == want
     path = trie_mod.correct_path(trie, new)
     assert path[0] == 0 and [seqs[i] for i in path] == [tuple(new[:d]) for d in range(len(path))]
@@ -228,10 +228,10 @@ def test_calibration_trials_are_the_children_of_correct_nodes(drafts, data):
 def test_calibration_trials_stop_at_the_last_committed_depth():
     a = draft_from_paths([(7, 8, 9), (6,)])
     trie = trie_mod.merge(0, {"a": a}, by_score)
-    trials = sorted((p[2], hit) for p, _, hit in trie_mod.calibration_trials(trie, [7]))
+    trials = sorted((p[2], hit) for p, hit in trie_mod.calibration_trials(trie, [7]))
     # only depth 1 is known: (7,) correct, (6,) wrong; (7, 8) is below the last committed token
     assert trials == [((6,), False), ((7,), True)]
-    trials = sorted((p[2], hit) for p, _, hit in trie_mod.calibration_trials(trie, [7, 8]))
+    trials = sorted((p[2], hit) for p, hit in trie_mod.calibration_trials(trie, [7, 8]))
     assert trials == [((6,), False), ((7,), True), ((7, 8), True)]
-    trials = sorted((p[2], hit) for p, _, hit in trie_mod.calibration_trials(trie, [6, 1, 2]))
+    trials = sorted((p[2], hit) for p, hit in trie_mod.calibration_trials(trie, [6, 1, 2]))
     assert trials == [((6,), True), ((7,), False)]

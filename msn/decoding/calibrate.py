@@ -11,7 +11,6 @@ from typing import Any
 
 PRIOR_WEIGHT = 2.0  # pseudo-trials given to a source's own score before evidence arrives
 HALF_LIFE = 2000.0  # counts are halved past this many trials per bucket, so estimates follow drift
-beyond_cut = True  # record the trials beyond each step's cut once later steps show them (switch for A/B runs)
 
 
 class Calibrator:
@@ -38,39 +37,3 @@ class Calibrator:
         for (source, bucket), (hits, trials) in sorted(self.counts.items(), key=str):
             out.setdefault(source, {})[str(bucket)] = round(hits / trials, 4) if trials else 0.0
         return out
-
-
-class Pending:
-    """Trials whose outcome the step could not see: candidates below the deepest correct node, beyond the
-    last committed token. A tree cut at depth 6 whose 6 retrieval nodes were all accepted tells nothing of
-    depths 8 and up, so without these their estimates stay at the prior and copying chains ramp up slowly
-    (issue 35); the text committed in the next steps settles them. Each entry: the committed index its token
-    must sit at, the token, the (source, bucket) keys to record, and its parent entry (None: the parent was
-    correct)."""
-
-    MAX = 64  # entries kept; the oldest go first
-
-    def __init__(self) -> None:
-        self.entries: list[list] = []  # [index, token, keys, parent entry or None, hit or None]
-
-    def add(self, index: int, token: int, keys: list, parent: list | None) -> list:
-        entry = [index, token, keys, parent, None]
-        self.entries.append(entry)
-        return entry
-
-    def resolve(self, committed, length: int, record) -> None:
-        """Record every entry whose token's index is now committed and whose parent was correct; drop those
-        below a wrong parent."""
-        kept = []
-        for entry in self.entries:  # parents come before their children
-            index, token, keys, parent, _ = entry
-            if parent is not None and parent[4] is False:
-                entry[4] = False  # below a wrong node: never reached, not a trial
-                continue
-            if index >= length or (parent is not None and parent[4] is None):
-                kept.append(entry)
-                continue
-            entry[4] = int(committed[index]) == token
-            for source, bucket in keys:
-                record(source, bucket, entry[4])
-        self.entries = kept[-self.MAX:]

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from msn.decoding import calibrate
 from msn.decoding import trie as trie_mod
 from msn.decoding.attention import gqa_attention
-from msn.decoding.calibrate import Calibrator, Pending
+from msn.decoding.calibrate import Calibrator
 from msn.decoding.costs import Latency, for_next_request
 from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import Request, parse_request
@@ -169,7 +168,6 @@ class _Decoder:
         self.tags = _template_tags(req.tree) if isinstance(req.tree, TreeTemplate) else None
         self.node_hits = torch.zeros(len(self.tags) + 1, dtype=torch.long) if self.tags is not None else None
         self.sampler = CoupledSampler(req.sampling) if req.sampling is not None else None
-        self.pending = Pending()  # calibration trials beyond each step's cut, settled by later steps
         self.done = False
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -303,13 +301,8 @@ class _Decoder:
             return
         drafted = acc.accepted[: len(new)]  # drafts that survived the EOS / budget cut
         full = [tree.tokens[i] for i in acc.accepted] + [acc.bonus]
-        record = self.state.calibrator.record
-        for (name, bucket, _), rival, hit in trie_mod.calibration_trials(trie, full):
-            record(name, bucket, hit)
-            if rival is not None:
-                record(name, (bucket, rival), hit)
-        if calibrate.beyond_cut:
-            self.pend(trie, full, len(new))
+        for (name, bucket, _), hit in trie_mod.calibration_trials(trie, full):
+            self.state.calibrator.record(name, bucket, hit)
         counts = dict.fromkeys(SOURCES, 0)
         for node in tree.trie_ids[1:]:
             for name in {p[0] for p in trie.proposers[node]}:
@@ -343,19 +336,6 @@ class _Decoder:
         )
         for src in self.sources.values():
             src.observe(step)
-
-    def pend(self, trie, full: list[int], committed: int) -> None:
-        """Settle the earlier steps' trials beyond their cut with the text committed now, then leave this
-        step's candidates beyond its last committed token for the next steps (calibrate.Pending)."""
-        self.pending.resolve(self.committed, self.length, self.state.calibrator.record)
-        past = self.length - committed - 1  # the root's index
-        made: list = []
-        for node, at in trie_mod.unresolved_below(trie, full):
-            rival = trie.rival[node]
-            keys = [(p.source, p.bucket) for p in trie.proposers[node]]
-            keys += [(source, (bucket, rival)) for source, bucket in keys] if rival is not None else []
-            made.append(self.pending.add(past + trie.depths[node], trie.tokens[node], keys,
-                                         made[at] if at >= 0 else None))
 
     def commit(self, new: list[int]) -> None:
         self.committed[self.length : self.length + len(new)] = torch.tensor(new, device=self.device)

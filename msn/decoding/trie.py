@@ -36,7 +36,6 @@ class Trie:
     children: list[dict[int, int]] = field(default_factory=lambda: [{}])
     edge: list[float] = field(default_factory=lambda: [1.0])  # calibrated P(accepted | parent accepted)
     proposers: list[list[Proposer]] = field(default_factory=lambda: [[]])
-    rival: list[int | None] = field(default_factory=lambda: [None])  # bucket of the likeliest sibling (merge)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -51,7 +50,6 @@ class Trie:
             self.children.append({})
             self.edge.append(0.0)
             self.proposers.append([])
-            self.rival.append(None)
             self.children[parent][token] = node
         return node
 
@@ -65,48 +63,18 @@ class Trie:
         return q
 
 
-rivals = True  # calibrate each edge given its likeliest sibling (a process-wide switch for A/B runs)
-RIVAL_BUCKETS = 4  # the likeliest sibling's estimate, in quarters
-
-
-def rival_bucket(estimate: float) -> int:
-    return min(int(estimate * RIVAL_BUCKETS), RIVAL_BUCKETS - 1)
-
-
 def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, float], float]) -> Trie:
-    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate.
-
-    At most one child of a node is right, so a candidate's chance depends on its siblings: beside a
-    retrieval chain that has been copying for a while, a recycling or Jacobi alternative is almost never
-    accepted, though the same candidate alone is accepted as often as its bucket says. Calibrated per bucket
-    alone, such alternatives look worth verifying and the merged tree can verify more and lose to its best
-    single source (issue 35). So (``rivals``) each edge is calibrated again within its bucket given the
-    likeliest sibling's own estimate (``Trie.rival``), starting from the bucket's estimate as the prior."""
+    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate."""
     trie = Trie([root])
-    scores: list[list[float]] = [[]]
     for name, draft in drafts.items():
         at = [0] * len(draft)
         for i, (parent, token, score, bucket, tag) in enumerate(
             zip(draft.parents, draft.tokens, draft.scores, draft.buckets, draft.tags, strict=True)
         ):
             node = trie.child(at[parent] if parent >= 0 else 0, token)
-            if node == len(scores):
-                scores.append([])
             at[i] = node
             trie.edge[node] = max(trie.edge[node], estimate(name, bucket, score))
             trie.proposers[node].append(Proposer(name, bucket, tag))
-            scores[node].append(score)
-    if rivals:
-        own = list(trie.edge)
-        for kids in trie.children:
-            if len(kids) < 2:
-                continue
-            ranked = sorted(kids.values(), key=lambda c: -own[c])
-            for c in kids.values():
-                rival = rival_bucket(own[ranked[1]] if c == ranked[0] else own[ranked[0]])
-                trie.rival[c] = rival
-                trie.edge[c] = max(estimate(p.source, (p.bucket, rival), estimate(p.source, p.bucket, sc))
-                                   for p, sc in zip(trie.proposers[c], scores[c], strict=True))
     return trie
 
 
@@ -204,9 +172,8 @@ def correct_path(trie: Trie, new_tokens: Sequence[int]) -> list[int]:
 
 
 def calibration_trials(trie: Trie, new_tokens: Sequence[int]):
-    """(proposer, rival, hit) for every candidate whose parent was correct and whose own truth is known:
-    children of correct nodes up to the depth of the last committed token. ``rival``: the bucket of its
-    likeliest sibling's estimate (None: no siblings, or ``rivals`` off), see :func:`merge`."""
+    """(proposer, hit) for every candidate whose parent was correct and whose own truth is known:
+    children of correct nodes up to the depth of the last committed token."""
     path = correct_path(trie, new_tokens)
     on_path = set(path)
     for w in path:
@@ -215,22 +182,4 @@ def calibration_trials(trie: Trie, new_tokens: Sequence[int]):
         for c in trie.children[w].values():
             hit = c in on_path
             for proposer in trie.proposers[c]:
-                yield proposer, trie.rival[c], hit
-
-
-def unresolved_below(trie: Trie, new_tokens: Sequence[int], limit: int = 32) -> list[tuple[int, int]]:
-    """Candidates below the deepest correct node whose truth the committed tokens do not show yet, breadth-
-    first (parents first), at most ``limit``: (trie node, index of its parent in this list, -1 for the correct
-    node itself). Empty when the committed text left the trie."""
-    path = correct_path(trie, new_tokens)
-    if trie.depths[path[-1]] < len(new_tokens):
-        return []
-    out: list[tuple[int, int]] = []
-    queue = [(path[-1], -1)]
-    for node, at in queue:
-        for c in trie.children[node].values():
-            if len(out) >= limit:
-                return out
-            out.append((c, at))
-            queue.append((c, len(out) - 1))
-    return out
+                yield proposer, hit
