@@ -22,7 +22,7 @@ import torch.nn.functional as F
 NAME = "msn_gqa_sdpa"
 enabled = True  # a process-wide switch, for A/B runs (benchmarks/paired_variants.py: attention.enabled=False)
 _UNSUPPORTED = ("softcap", "sinks", "s_aux", "output_attentions")
-ROWS_DTYPES = (torch.bfloat16, torch.float16)  # one query row is slow there; fp32 is not (§20)
+ROWS_DTYPES = (torch.bfloat16, torch.float16)  # one query row is slow there; fp32 is not (§21)
 
 
 def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -51,7 +51,7 @@ def one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """A one-token step's attention with each key/value head's query heads as rows of one query block.
 
     torch's CPU flash kernel is slow for a single bf16 query row (SmolLM2's shape: 0.9 ms per layer at an
-    800-token cache against 0.27 ms for the same work as 3 rows, docs/results.md §20): the g query heads that
+    800-token cache against 0.27 ms for the same work as 3 rows, docs/results.md §21): the g query heads that
     share a key/value head see the same keys and the same mask row, so they are g rows of one head. Same
     result as ``enable_gqa`` (bit-identical in the tests); ``query`` [b, h, 1, d] -> [b, 1, h, d]."""
     b, h, _, d = query.shape

@@ -119,7 +119,7 @@ _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the
 def packing(model, enabled: bool) -> Iterator[Packing | None]:
     """Packed Linear layers for the duration of one request (None when not enabled or not possible).
     Re-entrant: inside a request (the t(n) measurement a request starts with) it yields the request's own
-    Packing; a second one would find every layer taken and measure the unpacked path (docs/results.md §20)."""
+    Packing; a second one would find every layer taken and measure the unpacked path (docs/results.md §21)."""
     if not enabled:
         yield None
         return
