@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from msn.bench.questions import load_questions, select
+from msn.bench.stats import paired
 from msn.decoding import generate
 from msn.decoding.engine import DecoderState
 from msn.errors import InputError
@@ -61,6 +62,11 @@ def llamacpp_greedy(llm, ids: list[int], max_new_tokens: int) -> tuple[int, floa
         if new >= max_new_tokens:
             break
     return new, time.perf_counter() - start, first
+
+
+def decode_tps(run: dict) -> float:
+    """Tokens per second after the first token: decoding speed with prompt evaluation set apart."""
+    return (run["new_tokens"] - 1) / max(run["seconds"] - run["first_token_seconds"], 1e-9)
 
 
 class FirstToken:
@@ -138,13 +144,28 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {n: statistics.median(r[n]["tps"] / r["llama.cpp"]["tps"] for r in rows) for n in engines}
     print("median tok/s: " + "  ".join(f"{n} {v:.1f}" for n, v in summary.items()))
     print("median per-question ratio to llama.cpp: " + "  ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))
+    intervals = {}
+    for n in engines:
+        d = paired({str(r["question_id"]): r[n]["tps"] for r in rows},
+                   {str(r["question_id"]): r["llama.cpp"]["tps"] for r in rows})
+        intervals[n] = d
+        print(f"  {n} - llama.cpp: {d['mean']:+.1f} tok/s [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] (95% bootstrap), "
+              f"{d['wins']}/{d['losses']} questions")
+    decode = {n: statistics.median(decode_tps(r[n]) for r in rows) for n in order}
+    print("median tok/s after the first token (prompt evaluation apart): " + "  ".join(
+        f"{n} {v:.1f}" for n, v in decode.items()))
     first = {n: statistics.median(r[n]["first_token_seconds"] for r in rows) for n in order}
     print("median first-token seconds (prompt evaluation + 1 token): " + "  ".join(
         f"{n} {v:.3f}" for n, v in first.items()))
+    if "ar-int4" in engines and "ar" in engines:
+        for m in ("ar", "tr-jacobi"):
+            print(f"{m} int4 / {m} {args.dtype}: median per question "
+                  f"{statistics.median(r[m + '-int4']['tps'] / r[m]['tps'] for r in rows):.2f}x")
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(
             {"settings": vars(args), "gguf": gguf.name, "torch_dtype": args.dtype,
-             "median_tps": summary, "median_ratio_to_llamacpp": ratios, "median_first_token_seconds": first, "questions": rows}, indent=1) + "\n")
+             "median_tps": summary, "median_ratio_to_llamacpp": ratios, "paired_to_llamacpp": intervals,
+             "median_decode_tps": decode, "median_first_token_seconds": first, "questions": rows}, indent=1) + "\n")
     return 0
 
 
