@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from msn.decoding.request import context_limit
 from msn.outputs import atomic_write_text
 
 GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # tree nodes (the root excluded)
@@ -91,18 +92,13 @@ def measure_curve(model, repeats: int = 3, compiled: bool = False,
     sizes = grid(model, compiled)
     base = measure_forward(model, [n + 1 for n in sizes], repeats=repeats, compiled=compiled, packed=packed)
     wanted = [n + 1 for n in LONG_GRID if n in sizes]
-    long_past = min(LONG_PAST, _max_positions(model) - max(wanted) - 1)
+    long_past = min(LONG_PAST, (context_limit(model.config) or LONG_PAST + 2 * max(GRID)) - max(wanted) - 1)
     long: dict[int, float] = {}
     if not compiled and long_past >= 2 * PAST:
         long = {k - 1: v for k, v in measure_forward(model, wanted, past=long_past, repeats=repeats, packed=packed,
                                                       warmup=0.0).items()}
     return {k - 1: v for k, v in base.items()}, long, long_past
 
-
-def _max_positions(model) -> int:
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    found = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(found) if isinstance(found, int) and found > 0 else LONG_PAST + 2 * max(GRID)
 
 
 def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
@@ -152,8 +148,9 @@ class Latency:
         self.sizes = sorted(seconds)
         self.seconds = monotone([float(seconds[n]) for n in self.sizes])
         self.measured = list(self.seconds)  # the refinement moves ``seconds``; drift is judged against this
-        self.slope_sizes = sorted(slopes or {0: 0.0})
-        self.slopes = [max(float((slopes or {0: 0.0})[n]), 0.0) for n in self.slope_sizes]  # s per past token
+        slopes = slopes or {0: 0.0}  # none measured: no past term
+        self.slope_sizes = sorted(slopes)
+        self.slopes = [max(float(slopes[n]), 0.0) for n in self.slope_sizes]  # seconds per past token
         self.source, self.path, self.generation = source, path, generation
         self.drift, self.steps = 1.0, 0  # moving average of observed / measured forward time; steps observed
         self.overhead = 0.0  # moving average of a step's seconds outside the forward
