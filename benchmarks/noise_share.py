@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from msn.data import IGNORE, build_dataset, iter_batches, pad_batch
-from msn.noise import NoiseConfig, apply_noise, predicted_noise, seeded_generator
+from msn.training.noise import NoiseConfig, apply_noise, predicted_noise, seeded_generator
 
 
 def segment_offsets(mask: torch.Tensor) -> torch.Tensor:

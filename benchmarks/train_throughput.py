@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from msn import load_model
-from msn.data import MSNCollator, build_dataset
-from msn.noise import NoiseConfig
+from msn.data import build_dataset
+from msn.training.collator import MSNCollator
+from msn.training.noise import NoiseConfig
 
 
 def parse_args() -> argparse.Namespace:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MSNCollator": "msn.data",
+    "MSNCollator": "msn.training.collator",
     "build_dataset": "msn.data",
     "METHODS": "msn.decoding",
     "GenerateOutput": "msn.decoding",
@@ -20,19 +20,20 @@ _LAZY = {
     "DEFAULT_MODEL": "msn.models",
     "PRESETS": "msn.models",
     "load_model": "msn.models",
-    "NoiseConfig": "msn.noise",
-    "ahead_noise": "msn.noise",
-    "apply_noise": "msn.noise",
-    "sample_segments": "msn.noise",
-    "uniform_noise": "msn.noise",
+    "NoiseConfig": "msn.training.noise",
+    "ahead_noise": "msn.training.noise",
+    "apply_noise": "msn.training.noise",
+    "sample_segments": "msn.training.noise",
+    "uniform_noise": "msn.training.noise",
 }
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from msn.data import MSNCollator, build_dataset  # noqa: F401
+    from msn.data import build_dataset  # noqa: F401
     from msn.decoding import METHODS, GenerateOutput, TreeTemplate, generate  # noqa: F401
     from msn.models import DEFAULT_MODEL, PRESETS, load_model  # noqa: F401
-    from msn.noise import NoiseConfig, ahead_noise, apply_noise, sample_segments, uniform_noise  # noqa: F401
+    from msn.training.collator import MSNCollator  # noqa: F401
+    from msn.training.noise import NoiseConfig, ahead_noise, apply_noise, sample_segments, uniform_noise  # noqa: F401
 
 
 def __getattr__(name: str):

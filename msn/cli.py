@@ -15,7 +15,7 @@ from pathlib import Path
 from msn.errors import MsnError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("msn.train", "fine-tune a model with MSN noise (or plain SFT with --noise none)"),
+    "train": ("msn.training.train", "fine-tune a model with MSN noise (or plain SFT with --noise none)"),
     "eval": ("msn.eval.cli", "evaluate quality: denoising accuracy, held-out loss, HumanEval"),
     "generate": ("msn.decoding.cli", "generate text with TR-Jacobi (or ar / jacobi / retrieval) decoding"),
     "bench": ("msn.bench.cli", "Spec-Bench compatible speed benchmark, methods side by side"),

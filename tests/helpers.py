@@ -82,7 +82,7 @@ def prompt_response_samples(n: int = 6, seed: int = 0) -> list[dict]:
 
 def fast(tiny_dir, data_file, out, **kw):
     """A ``TrainConfig`` for a run of a few seconds on the tiny model folder."""
-    from msn.train import TrainConfig
+    from msn.training.train import TrainConfig
 
     base = dict(
         model=str(tiny_dir), data=str(data_file), output=str(out), max_steps=2, batch_size=2, lr=1e-3,

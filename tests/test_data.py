@@ -10,7 +10,6 @@ from helpers import write_jsonl
 
 from msn.data import (
     IGNORE,
-    MSNCollator,
     build_dataset,
     iter_json_array,
     iter_records,
@@ -22,7 +21,8 @@ from msn.data import (
     tokenize_messages,
 )
 from msn.errors import InputError, MsnError
-from msn.noise import NoiseConfig
+from msn.training.collator import MSNCollator
+from msn.training.noise import NoiseConfig
 
 MULTI = [
     {"role": "system", "content": "Be brief."},

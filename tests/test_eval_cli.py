@@ -10,8 +10,8 @@ import torch
 
 from msn.cli import main
 from msn.data import IGNORE
-from msn.eval.denoise import denoise_accuracy
 from msn.eval.loss import heldout_loss
+from msn.training.denoise import denoise_accuracy
 
 V = 64
 

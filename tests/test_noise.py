@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msn.errors import InputError
-from msn.noise import (
+from msn.training.noise import (
     NoiseConfig,
     ahead_from_draws,
     ahead_noise,

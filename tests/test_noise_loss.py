@@ -11,10 +11,11 @@ from conftest import TINY_VOCAB, tiny_model
 from helpers import fast
 from helpers import prompt_response_samples as samples
 
-from msn.data import IGNORE, MSNCollator
+from msn.data import IGNORE
 from msn.errors import InputError
-from msn.noise import NoiseConfig
-from msn.noise_loss import NoiseWeightedLossTrainer, weighted_lm_loss
+from msn.training.collator import MSNCollator
+from msn.training.noise import NoiseConfig
+from msn.training.noise_loss import NoiseWeightedLossTrainer, weighted_lm_loss
 
 
 def by_hand(logits: torch.Tensor, labels: torch.Tensor, noised: torch.Tensor, w: float) -> torch.Tensor:
@@ -68,7 +69,7 @@ def test_weighted_loss_is_the_models_own_loss_at_weight_one_and_the_hand_sum_oth
 def test_trainer_loss_weights_the_noised_predictions_and_never_sends_the_weights(tmp_path, noise):
     from transformers import TrainingArguments
 
-    from msn.train import trainer_class
+    from msn.training.train import trainer_class
 
     model = tiny_model("llama")
     batch = MSNCollator(noise=NoiseConfig(noise, 4, 2), seed=1, vocab_size=TINY_VOCAB, noise_loss_weight=5.0)(samples())
@@ -91,8 +92,8 @@ def test_trainer_loss_weights_the_noised_predictions_and_never_sends_the_weights
 def test_trainer_class_stays_plain_at_weight_one():
     from transformers import Trainer
 
-    from msn.predicted_noise import PredictedNoiseTrainer
-    from msn.train import trainer_class
+    from msn.training.predicted_noise import PredictedNoiseTrainer
+    from msn.training.train import trainer_class
 
     assert trainer_class(NoiseConfig("ahead"), 1.0) is Trainer
     assert trainer_class(NoiseConfig("predicted"), 1.0) is PredictedNoiseTrainer
@@ -101,7 +102,7 @@ def test_trainer_class_stays_plain_at_weight_one():
 
 def test_msn_train_noise_loss_weight_runs_records_it_and_refuses_to_resume_with_another(
         tmp_path, tiny_dir, data_file, monkeypatch):
-    from msn.train import train
+    from msn.training.train import train
 
     calls = []
     loss = NoiseWeightedLossTrainer.compute_loss
@@ -130,7 +131,7 @@ def test_msn_train_noise_loss_weight_runs_records_it_and_refuses_to_resume_with_
     (3.0, "none", "places none; drop the flag"),
 ])
 def test_bad_noise_loss_weight_is_one_line_before_anything_loads(tmp_path, weight, noise, match):
-    from msn.train import TrainConfig, train
+    from msn.training.train import TrainConfig, train
 
     cfg = TrainConfig(model=str(tmp_path / "no-such-model"), output=str(tmp_path / "out"), noise=noise,
                       noise_loss_weight=weight)

@@ -10,8 +10,8 @@ from conftest import TINY_VOCAB, tiny_model
 from helpers import fast
 from helpers import prompt_response_samples as samples
 
-from msn.data import MSNCollator
-from msn.noise import NoiseConfig, apply_noise, predicted_noise, seeded_generator
+from msn.training.collator import MSNCollator
+from msn.training.noise import NoiseConfig, apply_noise, predicted_noise, seeded_generator
 
 
 def test_predicted_noise_puts_the_previous_positions_argmax_on_noised_positions_only():
@@ -50,7 +50,7 @@ def test_collator_adds_the_noise_mask_for_predicted_only_and_places_noise_as_ahe
 def test_trainer_loss_is_the_plain_loss_on_the_batch_refilled_by_hand(tmp_path):
     from transformers import TrainingArguments
 
-    from msn.predicted_noise import PredictedNoiseTrainer
+    from msn.training.predicted_noise import PredictedNoiseTrainer
 
     model = tiny_model("llama")
     batch = MSNCollator(noise=NoiseConfig("predicted", 4, 2), seed=1, vocab_size=TINY_VOCAB)(samples())
@@ -79,8 +79,8 @@ def test_trainer_loss_is_the_plain_loss_on_the_batch_refilled_by_hand(tmp_path):
 def test_trainer_class_is_plain_for_every_other_noise_type():
     from transformers import Trainer
 
-    from msn.predicted_noise import PredictedNoiseTrainer
-    from msn.train import trainer_class
+    from msn.training.predicted_noise import PredictedNoiseTrainer
+    from msn.training.train import trainer_class
 
     for kind in ("ahead", "uniform", "none"):
         assert trainer_class(NoiseConfig(kind)) is Trainer
@@ -88,8 +88,8 @@ def test_trainer_class_is_plain_for_every_other_noise_type():
 
 
 def test_msn_train_noise_predicted_runs_and_records_it(tmp_path, tiny_dir, data_file, monkeypatch):
-    from msn.predicted_noise import PredictedNoiseTrainer
-    from msn.train import train
+    from msn.training.predicted_noise import PredictedNoiseTrainer
+    from msn.training.train import train
 
     calls = []
     loss = PredictedNoiseTrainer.compute_loss

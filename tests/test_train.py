@@ -13,11 +13,12 @@ from conftest import tiny_model
 from helpers import Crash, fast
 
 from msn.cli import main
-from msn.data import IGNORE, MSNCollator
+from msn.data import IGNORE
 from msn.errors import InputError
 from msn.eval.loss import heldout_loss
-from msn.noise import NoiseConfig
-from msn.train import check_output_dir, last_checkpoint, train
+from msn.training.collator import MSNCollator
+from msn.training.noise import NoiseConfig
+from msn.training.train import check_output_dir, last_checkpoint, train
 
 
 def synthetic_samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ import pytest
 from helpers import Crash, fast, write_jsonl
 
 from msn.errors import InputError, MsnError
-from msn.train import RUN_FILE, last_checkpoint, train, validate
+from msn.training.train import RUN_FILE, last_checkpoint, train, validate
 
 
 def crash_at(step):

@@ -28,7 +28,7 @@ QUALITY_HE_PROBLEMS = 2  # ... and HumanEval at most 2 problems below plain SFT
 @dataclass(frozen=True)
 class Variant:
     name: str  # e.g. "msn-L4x8"
-    noise: str | None  # None: the base model, untrained; "none": plain SFT; "ahead": MSN; "predicted": see msn.noise
+    noise: str | None  # None: the base model, untrained; "none": plain SFT; "ahead": MSN; "predicted": see msn.training.noise
     length: int = 4
     segments: int = 1
 

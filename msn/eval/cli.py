@@ -92,7 +92,7 @@ def evaluate(args: argparse.Namespace, model, tokenizer) -> dict[str, Any]:
     else:
         ds = build_dataset(args.data, tokenizer, split, args.max_length, args.limit)
     if args.task == "denoise":
-        from msn.eval.denoise import denoise_accuracy
+        from msn.training.denoise import denoise_accuracy
 
         res = denoise_accuracy(model, ds.samples, args.noise_length, args.seed, args.batch_size)
         res["noise_length"] = args.noise_length

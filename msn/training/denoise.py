@@ -4,6 +4,9 @@ On held-out samples we noise ONE segment of ``L`` response positions ``s .. s+L-
 seed, so every evaluation sees the same noise) and count how often the argmax at noised position ``s+k``
 equals the clean token ``s+k+1``, for ``k = 0 .. L-1``: a model that denoises predicts the right next token
 even though its own input there is wrong.
+
+It lives with training: the Trainer callback (:mod:`msn.training.train`) reports it at every evaluation, and
+``msn eval --task denoise`` runs the same function on a saved model.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from msn.data import IGNORE, iter_batches, pad_batch
-from msn.noise import NoiseConfig, ahead_noise, sample_segments, seeded_generator
+from msn.training.noise import NoiseConfig, ahead_noise, sample_segments, seeded_generator
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """``msn train``: ordinary SFT on HF ``Trainer`` with MSN noise in the data collator (``--noise predicted``
-also refills the noise with the model's own guesses in the loss: ``msn.predicted_noise``; ``--noise-loss-weight``
-counts the predictions made at noised inputs more: ``msn.noise_loss``).
+also refills the noise with the model's own guesses in the loss: ``msn.training.predicted_noise``;
+``--noise-loss-weight`` counts the predictions made at noised inputs more: ``msn.training.noise_loss``).
 
 Everything distributed (DDP through ``torchrun`` / ``accelerate launch``, FSDP / DeepSpeed via their
 configs), checkpointing and resuming is Trainer's own; this module only wires the data, the collator, the
@@ -38,10 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msn.data import MSNCollator, split_dataset
+from msn.data import split_dataset
 from msn.errors import InputError, MsnError
 from msn.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
-from msn.noise import NoiseConfig
+from msn.training.collator import MSNCollator
+from msn.training.noise import NoiseConfig
 
 RUN_FILE = "msn-run.json"  # written when a run starts: marks the folder as ours
 FINAL_FILE = "msn.json"  # written last: marks the final model as complete
@@ -291,10 +292,10 @@ def _wrap_lora(model, r: int):
 
 
 def _denoise_callback(samples, noise_length: int, seed: int, batch_size: int):
-    """A Trainer callback adding denoising accuracy to every evaluation (see ``msn.eval.denoise``)."""
+    """A Trainer callback adding denoising accuracy to every evaluation (see ``msn.training.denoise``)."""
     from transformers import TrainerCallback
 
-    from msn.eval.denoise import denoise_accuracy
+    from msn.training.denoise import denoise_accuracy
 
     class DenoiseCallback(TrainerCallback):
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -468,11 +469,11 @@ def trainer_class(noise: NoiseConfig, noise_loss_weight: float = 1.0) -> type:
 
     bases: list[type] = []
     if noise.type == "predicted":
-        from msn.predicted_noise import PredictedNoiseTrainer
+        from msn.training.predicted_noise import PredictedNoiseTrainer
 
         bases.append(PredictedNoiseTrainer)
     if noise_loss_weight != 1.0:
-        from msn.noise_loss import NoiseWeightedLossTrainer
+        from msn.training.noise_loss import NoiseWeightedLossTrainer
 
         bases.append(NoiseWeightedLossTrainer)
     if len(bases) > 1:  # refill the noise first, then the weighted loss
@@ -636,8 +637,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover  (``python -m msn.train ...`` = ``msn train ...``)
-    parser = argparse.ArgumentParser(prog="python -m msn.train", description="fine-tune a model with MSN noise")
+if __name__ == "__main__":  # pragma: no cover  (``python -m msn.training.train ...`` = ``msn train ...``)
+    parser = argparse.ArgumentParser(prog="python -m msn.training.train",
+                                     description="fine-tune a model with MSN noise")
     add_arguments(parser)
     try:
         sys.exit(run(parser.parse_args()))

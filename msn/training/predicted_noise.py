@@ -4,7 +4,7 @@ Jacobi-like noise needs the model being trained -- its current weights, on its d
 mixed precision -- so it cannot live in the data collator, which runs before the model sees the batch (maybe
 in a dataloader worker). The collator places the segments and reports them as ``noise_mask``; this Trainer
 runs one no-grad forward over the noised batch and puts the model's argmax predictions there
-(:func:`msn.noise.predicted_noise`) before the ordinary loss.
+(:func:`msn.training.noise.predicted_noise`) before the ordinary loss.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from msn.noise import predicted_noise
+from msn.training.noise import predicted_noise
 
 
 class PredictedNoiseTrainer(Trainer):

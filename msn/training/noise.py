@@ -16,7 +16,7 @@ Rules (method.md section 1, generalised to several segments and multi-turn chats
 - ``predicted`` (optional, not the paper's) imitates a Jacobi draft: the collator places and fills the
   segments exactly as ``ahead`` does, then at training time one no-grad forward of the model over that noised
   batch replaces every noised input ``j`` by the model's own argmax at ``j - 1`` (:func:`predicted_noise`,
-  ``msn.predicted_noise``). A segment's first token is then a guess from a clean prefix and each later one a
+  ``msn.training.predicted_noise``). A segment's first token is then a guess from a clean prefix and each later one a
   guess conditioned on earlier noise -- what a Jacobi draft, predicted from earlier drafts, is at inference.
 """
 
