@@ -17,7 +17,7 @@ from msn.errors import MsnError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("msn.training.train", "fine-tune a model with MSN noise (or plain SFT with --noise none)"),
     "eval": ("msn.eval.cli", "evaluate quality: denoising accuracy, held-out loss, HumanEval"),
-    "generate": ("msn.decoding.cli", "generate text with TR-Jacobi (or ar / jacobi / retrieval) decoding"),
+    "generate": ("msn.generate_cli", "generate text with TR-Jacobi (or ar / jacobi / retrieval) decoding"),
     "bench": ("msn.bench.cli", "Spec-Bench compatible speed benchmark, methods side by side"),
     "demo": ("msn.bench.demo", "offline demo: a small benchmark on built-in prompts with the default model"),
     "distill": ("msn.distill", "answer prompts with the model itself: a self-distilled training set"),

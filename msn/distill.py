@@ -30,9 +30,14 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None
 
-from msn.bench.flags import add_quantize_argument
 from msn.clock import now
 from msn.errors import InputError, MsnError
+from msn.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_quantize_argument,
+    add_threads_argument,
+)
 
 PROMPT_SOURCES = ("sharegpt", "stdlib-code")
 SETTINGS = ("model", "prompts", "max_new_tokens", "max_prompt_tokens", "dtype")
@@ -325,10 +330,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=256,
                    help="skip longer prompts, so prompt + answer fit training's --max-length (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_dtype_argument(p)
+    add_device_argument(p)
     add_quantize_argument(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p, help="torch CPU threads (default: torch's choice)")
 
 
 def _check(args) -> None:
@@ -336,7 +341,7 @@ def _check(args) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"must be positive, got {value}", field="--" + flag.replace("_", "-"))
-    from msn.bench.flags import at_least
+    from msn.flags import at_least
 
     at_least(args, {"threads": 1})  # the CPU bound every command's --threads shares
     if args.prompts not in PROMPT_SOURCES and not Path(args.prompts).is_file():
@@ -346,8 +351,7 @@ def _check(args) -> None:
 def run(args) -> int:
     import torch
 
-    from msn.bench.flags import check_quantize_flag
-    from msn.bench.session import pick_device
+    from msn.flags import check_quantize_flag, pick_device
     from msn.models import load_model, resolve_model
     from msn.outputs import check_output_file
 

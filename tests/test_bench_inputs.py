@@ -122,7 +122,7 @@ def test_temperature_0_is_greedy():
     """As in ``msn serve`` (OpenAI's convention); it used to fail naming a Python-only fix (do_sample=False)."""
     import argparse
 
-    from msn.bench.flags import add_sampling_arguments, sampling_settings
+    from msn.flags import add_sampling_arguments, sampling_settings
 
     p = argparse.ArgumentParser()
     add_sampling_arguments(p)

@@ -36,8 +36,8 @@ def test_threads_above_the_usable_cpus_is_one_line_on_every_command(command, mon
     """Thousands of threads segfaulted, failed in libgomp or hung: every command with --threads refuses more than
     this process may run on, in one line naming the limit, before any model loads."""
     import msn.models
-    from msn.bench.flags import usable_cpus
     from msn.cli import main
+    from msn.flags import usable_cpus
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(msn.models, "load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))

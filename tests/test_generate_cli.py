@@ -80,8 +80,8 @@ def test_chat_flag_without_a_template_is_one_line_error(calls, capsys):
 
 def test_defaults_match_msn_bench(calls, capsys):
     from msn.bench.cli import add_arguments as bench_arguments
-    from msn.bench.session import pick_device
     from msn.decoding.tree import resolve_tree
+    from msn.flags import pick_device
     from msn.models import parse_dtype
 
     assert run() == 0

@@ -138,7 +138,7 @@ def test_bad_quantize_values_fail_before_loading():
 
 
 def test_quantize_flag_choices_match_the_module():
-    from msn.bench.flags import QUANTIZE_CHOICES
+    from msn.flags import QUANTIZE_CHOICES
     from msn.int4 import QUANTIZE
 
     assert QUANTIZE_CHOICES == QUANTIZE

@@ -39,3 +39,14 @@ def test_msn_data_collator_moved_with_a_warning():
     with pytest.warns(DeprecationWarning, match="msn.training.collator"):
         assert msn.data.MSNCollator is MSNCollator
     assert msn.MSNCollator is MSNCollator
+
+
+def test_the_shared_flags_left_bench_with_a_warning():
+    import msn.flags
+    from msn.bench import flags as bench_flags
+
+    for name in ("usable_cpus", "at_least", "QUANTIZE_CHOICES", "add_quantize_argument", "check_quantize_flag",
+                 "add_sampling_arguments", "sampling_settings", "sampling_kwargs"):
+        with pytest.warns(DeprecationWarning, match=f"msn.flags.{name}"):
+            assert getattr(bench_flags, name) is getattr(msn.flags, name)
+    assert bench_flags.check_run_flags and bench_flags.RUN_MINIMUMS and bench_flags.BENCH_SEED_HELP  # bench's own

@@ -11,18 +11,21 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.flags import (
-    BENCH_SEED_HELP,
-    add_quantize_argument,
-    add_sampling_arguments,
-    check_quantize_flag,
-    check_run_flags,
-    sampling_settings,
-)
+from msn.bench.flags import BENCH_SEED_HELP, check_run_flags
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS
 from msn.bench.session import BenchConfig, command_line, run_bench
 from msn.bench.summary import print_report
 from msn.decoding.tree import TREE_HELP
+from msn.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_quantize_argument,
+    add_sampling_arguments,
+    add_threads_argument,
+    check_quantize_flag,
+    pick_device,
+    sampling_settings,
+)
 
 DEFAULT_QUESTIONS = os.environ.get("MSN_SPEC_BENCH", "data/spec_bench/question.jsonl")
 
@@ -35,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, run interleaved; choose from {', '.join(BENCH_METHODS)} "
                         f"(default: {','.join(DEFAULT_METHODS)}); speedups are relative to ar")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_dtype_argument(p)
+    add_device_argument(p)
     add_quantize_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default: 128)")
     group = p.add_mutually_exclusive_group()
@@ -45,8 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--categories", default=None, help="comma-separated categories to keep (default: all)")
     p.add_argument("--tree", default=None, help=TREE_HELP)
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up questions (default: 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
+    add_threads_argument(p)
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench); a rerun into the "
                    "same folder resumes, skipping questions already answered")
     p.add_argument("--overwrite", action="store_true",
@@ -56,8 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> tuple[list[qs.Question], list[str]]:
     """Every user error, before any model is loaded."""
-    from msn.bench.session import pick_device
-
     methods = check_run_flags(args)
     sampling_settings(args)
     check_quantize_flag(args, pick_device(args.device))

@@ -12,32 +12,35 @@ import sys
 from pathlib import Path
 
 from msn.bench import questions as qs
-from msn.bench.flags import (
-    BENCH_SEED_HELP,
-    add_quantize_argument,
-    add_sampling_arguments,
-    check_quantize_flag,
-    check_run_flags,
-    sampling_settings,
-)
+from msn.bench.flags import BENCH_SEED_HELP, check_run_flags
 from msn.bench.runner import BENCH_METHODS, DEFAULT_METHODS, sampling_record
 from msn.bench.session import BenchConfig, command_line, run_bench
 from msn.bench.summary import print_report, sampling_text
 from msn.decoding.tree import TREE_HELP
+from msn.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_quantize_argument,
+    add_sampling_arguments,
+    add_threads_argument,
+    check_quantize_flag,
+    pick_device,
+    sampling_settings,
+)
 from msn.models import DEFAULT_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, folder or checkpoint (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_dtype_argument(p)
+    add_device_argument(p, help="cpu, cuda or auto (default: auto)")
     add_quantize_argument(p)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated from {', '.join(BENCH_METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default: 96)")
     p.add_argument("--limit", type=int, default=None, help="only the first K of the 12 prompts")
     p.add_argument("--tree", default=None, help=TREE_HELP)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="runs/demo", help="report folder (default: runs/demo); a rerun resumes it")
     p.add_argument("--overwrite", action="store_true", help="measure again from scratch into --out")
     add_sampling_arguments(p, seed_help=BENCH_SEED_HELP)
@@ -46,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     methods = check_run_flags(args)
     sampling = sampling_settings(args)
-    from msn.bench.session import check_bench_out, pick_device
+    from msn.bench.session import check_bench_out
 
     check_quantize_flag(args, pick_device(args.device))
     check_bench_out(Path(args.out))  # before the banner: a bad input is the only line printed

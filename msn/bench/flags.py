@@ -1,43 +1,20 @@
-"""The flags the run commands share (``msn bench``, ``msn demo``, ``msn generate``, ``msn tune-tree``), checked
-one way, before any model loads: a typo costs a second, not a model load. The sampling flags are defined here
-once, for ``msn generate``, ``msn bench`` and ``msn demo``."""
+"""The flags only the benchmark commands share (``msn bench``, ``msn demo``): ``--methods`` and the numeric run
+flags, checked before any model loads, and the help of their ``--seed``. The flags every command shares
+(threads, device, dtype, sampling, quantization) are :mod:`msn.flags`; their old names here still resolve,
+with a ``DeprecationWarning``, until msn 0.2."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import warnings
 
-from msn.errors import InputError
-
-if TYPE_CHECKING:
-    from msn.decoding.sampling import Sampling
+from msn import flags as _shared
 
 # The smallest value of each numeric run flag; a command checks the ones it has.
 RUN_MINIMUMS = {"max_new_tokens": 1, "threads": 1, "warmup": 0, "limit": 1, "per_category": 1}
 
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one): more torch threads than
-    that only oversubscribe, and thousands crash or hang the thread pool."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def at_least(args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
-    """Refuse the first flag in ``minimums`` below its minimum; a flag the command lacks, or left unset
-    (None), passes. ``--threads`` is also held to :func:`usable_cpus` here, so every command that has it
-    (generate, bench, demo, tune-tree, serve, distill) checks it the same way."""
-    for name, minimum in minimums.items():
-        value = getattr(args, name, None)
-        if value is not None and value < minimum:
-            raise InputError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-        if name == "threads" and value is not None and value > (cpus := usable_cpus()):
-            raise InputError(f"--threads {value} is more than the {cpus} CPUs this process may use; use "
-                             f"--threads {cpus} or less (or leave it out for torch's choice)")
+BENCH_SEED_HELP = ("each question's (each turn's) seed derives from it, the same for every method, so for a seed "
+                   "msn's methods give the same text (default: 0)")
 
 
 def check_run_flags(args: argparse.Namespace) -> list[str]:
@@ -45,74 +22,17 @@ def check_run_flags(args: argparse.Namespace) -> list[str]:
     from msn.bench.runner import parse_methods
 
     methods = parse_methods(args.methods)
-    at_least(args, RUN_MINIMUMS)
+    _shared.at_least(args, RUN_MINIMUMS)
     return methods
 
 
-QUANTIZE_CHOICES = ("none", "int4")  # msn.int4.QUANTIZE, kept here so --help imports no torch (a test ties them)
+_MOVED = ("usable_cpus", "at_least", "QUANTIZE_CHOICES", "add_quantize_argument", "check_quantize_flag",
+          "add_sampling_arguments", "sampling_settings", "sampling_kwargs")
 
 
-def add_quantize_argument(p: argparse.ArgumentParser) -> None:
-    """``--quantize``, the same on every command that loads a model."""
-    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
-                   help="int4: Linear layers (LM head included) with 4-bit weights on the CPU, a third of bf16's "
-                        "bytes per step; a preset runs its own GGUF codes, another model is rounded in groups of "
-                        "32; layers left in float are named (default: none)")
-
-
-def check_quantize_flag(args: argparse.Namespace, device: str) -> str:
-    """``--quantize`` against the (resolved) device and ``--dtype``: one line before any model loads."""
-    from msn.int4 import check_quantize
-    from msn.models import parse_dtype
-
-    return check_quantize(getattr(args, "quantize", "none"), device, parse_dtype(args.dtype))
-
-
-BENCH_SEED_HELP = ("each question's (each turn's) seed derives from it, the same for every method, so for a seed "
-                   "msn's methods give the same text (default: 0)")
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str = "same seed, same text for every method "
-                           "(default: 0)") -> None:
-    """``--temperature``, ``--top-p``, ``--top-k``, ``--min-p`` and ``--seed``; any of the first four samples,
-    except ``--temperature 0``: greedy, as in ``msn serve`` and OpenAI's API."""
-    samp = p.add_argument_group("sampling (any of these samples instead of greedy decoding, but --temperature 0; "
-                                "exact, seeded)")
-    samp.add_argument("--temperature", type=float, default=None,
-                      help="e.g. 0.7 samples; 0 = greedy decoding, as in msn serve (default: greedy)")
-    samp.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.9")
-    samp.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    samp.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
-    samp.add_argument("--seed", type=int, default=0, help=seed_help)
-
-
-def _given_sampling(args: argparse.Namespace) -> dict:
-    """The sampling flags given; none (greedy) for ``--temperature 0``, which no other sampling flag may join."""
-    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
-    given = {k: v for k, v in given.items() if v is not None}
-    t = given.get("temperature")
-    if t is not None and not (math.isfinite(t) and t >= 0):
-        raise InputError(f"--temperature must be > 0 to sample (or 0 for greedy decoding), got {t}")
-    if t == 0:
-        others = [f"--{k.replace('_', '-')}" for k in given if k != "temperature"]
-        if others:
-            raise InputError(f"--temperature 0 means greedy decoding, which {' and '.join(others)} cannot change; "
-                             f"drop {' and '.join(others)}, or give a temperature > 0 to sample")
-        return {}
-    return given
-
-
-def sampling_settings(args: argparse.Namespace) -> Sampling | None:
-    """The sampling flags as checked settings (``--seed`` included), or None for greedy decoding (no sampling
-    flag given, or ``--temperature 0``). A bad value is one clear error, before any model loads."""
-    from msn.decoding.sampling import sampling_from
-
-    given = _given_sampling(args)
-    return sampling_from(given, seed=args.seed) if given else None
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """``do_sample`` plus the given settings (for ``msn.generate``), checked as :func:`sampling_settings`."""
-    if sampling_settings(args) is None:
-        return {}
-    return {"do_sample": True, **_given_sampling(args)}
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"msn.bench.flags.{name} moved to msn.flags.{name}; import it from there (the old path goes "
+                      "in msn 0.2)", DeprecationWarning, stacklevel=2)
+        return getattr(_shared, name)
+    raise AttributeError(f"module 'msn.bench.flags' has no attribute {name!r}")

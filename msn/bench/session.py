@@ -34,7 +34,8 @@ from msn.bench.summary import BASELINE, answers_path, sampling_text, summarize_d
 from msn.clock import load_average, now
 from msn.decoding.sampling import Sampling
 from msn.decoding.tree import TreeTemplate, resolve_tree
-from msn.errors import InputError, MsnError
+from msn.errors import InputError, MsnError  # noqa: F401  (MsnError: session.MsnError, as before pick_device moved)
+from msn.flags import pick_device
 from msn.models import parse_dtype
 from msn.outputs import atomic_write_text, check_output_dir
 
@@ -67,16 +68,6 @@ class BenchResult:
     summary: dict
     interrupted: bool
     out: Path
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MsnError(f"device {device!r} requested but CUDA is not available; use --device cpu (or auto)")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
-        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto", field="device")
-    return device
 
 
 def device_name(device: str) -> str:

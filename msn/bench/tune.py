@@ -21,11 +21,16 @@ from typing import NamedTuple
 
 import torch
 
-from msn.bench.flags import add_quantize_argument
 from msn.decoding.costs import measure_forward, remeasure
 from msn.decoding.packed import resolve_pack
 from msn.decoding.tree import TREE_PRESETS, TreeTemplate, resolve_tree
 from msn.errors import InputError
+from msn.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_quantize_argument,
+    add_threads_argument,
+)
 from msn.outputs import read_small_json
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -235,8 +240,8 @@ def _check_own_file(path: Path, ours, what: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="preset, folder or checkpoint (default: smollm2-135m)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_dtype_argument(p)
+    add_device_argument(p, help="cpu, cuda or auto (default: auto)")
     add_quantize_argument(p)
     p.add_argument("--out", default=None, help="tree JSON to write (default: tree-<model>-<dtype>[-int4].json), "
                    "next to its <name>.measure.json; an existing file is replaced only if tune-tree wrote it")
@@ -248,13 +253,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="token counts to time")
     p.add_argument("--past", type=int, default=200, help="cache length while timing (default: 200)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per size; the median is used")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from msn.bench.flags import at_least, check_quantize_flag
     from msn.bench.questions import demo_questions
-    from msn.bench.session import pick_device
+    from msn.flags import at_least, check_quantize_flag, pick_device
     from msn.models import load_model, parse_dtype
 
     try:

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from msn.bench.flags import add_quantize_argument
 from msn.errors import InputError, MsnError
+from msn.flags import add_quantize_argument
 from msn.models import DEFAULT_MODEL
 from msn.outputs import OWNER_KEY, atomic_write_text, owned, read_small_json
 
@@ -187,13 +187,13 @@ def run(args: argparse.Namespace) -> int:
         check_batching(args.method, args.batch_size)
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, got {args.limit}", field="limit")
-    from msn.bench.flags import at_least
+    from msn.flags import at_least
 
     at_least(args, {"threads": 1})
     if args.task == "denoise" and args.noise_length >= args.max_length:
         raise InputError(f"--noise-length {args.noise_length} does not fit in --max-length {args.max_length} tokens; "
                          "use a noise length below the max length", field="noise_length")
-    from msn.bench.flags import check_quantize_flag
+    from msn.flags import check_quantize_flag
     from msn.models import check_device, load_model, parse_dtype
 
     parse_dtype(args.dtype)

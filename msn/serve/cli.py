@@ -16,9 +16,9 @@ import signal
 import socket
 import sys
 
-from msn.bench.flags import add_quantize_argument
 from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
+from msn.flags import add_quantize_argument
 
 log = logging.getLogger("msn.serve")
 
@@ -69,7 +69,7 @@ def _check(args) -> None:
     """Every flag checked before the model loads (loading takes seconds; a typo should not)."""
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
-    from msn.bench.flags import at_least
+    from msn.flags import at_least
 
     at_least(args, {"threads": 1, "queue_size": 1, "default_max_tokens": 1})
     if args.drain_timeout < 0:
@@ -127,9 +127,8 @@ def run(args) -> int:
         import uvicorn
     except ImportError as e:
         raise MsnError(f"msn serve needs {e.name}: pip install fastapi uvicorn") from None
-    from msn.bench.flags import check_quantize_flag
-    from msn.bench.session import pick_device
     from msn.decoding.tree import resolve_tree
+    from msn.flags import check_quantize_flag, pick_device
     from msn.models import load_model, parse_dtype
     from msn.serve.app import check_api_key, create_app
 

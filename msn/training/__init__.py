@@ -3,8 +3,8 @@
 model's own guesses; ``noise_loss``: the predictions made at noised inputs weighted more), the denoising
 accuracy every evaluation reports (``denoise``) and the Trainer glue behind ``msn train`` (``train``).
 
-It stands on the shared floor (``msn.data``, ``msn.models``, ``msn.errors``, ``msn.outputs``); nothing here
-imports decoding or serve. Import names from their modules (``from msn.training.noise import NoiseConfig``);
+It stands on the shared floor (``msn.data``, ``msn.models``, ``msn.errors``, ``msn.outputs``, ``msn.flags``);
+nothing here imports decoding, bench, eval or serve. Import names from their modules (``from msn.training.noise import NoiseConfig``);
 the most used ones are also top-level names (``msn.NoiseConfig``, ``msn.MSNCollator``).
 
 The old paths ``msn.noise``, ``msn.noise_loss``, ``msn.predicted_noise``, ``msn.train`` and

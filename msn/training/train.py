@@ -40,6 +40,7 @@ from typing import Any
 
 from msn.data import split_dataset
 from msn.errors import InputError, MsnError
+from msn.flags import add_threads_argument
 from msn.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from msn.training.collator import MSNCollator
 from msn.training.noise import NoiseConfig
@@ -339,7 +340,7 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--max-samples must be positive, got {cfg.max_samples}", field="max_samples")
     if not 0 <= cfg.seed <= 2**32 - 1:  # transformers' set_seed refuses others, after the run folder is written
         raise InputError(f"--seed must be between 0 and {2**32 - 1}, got {cfg.seed}", field="seed")
-    from msn.bench.flags import at_least
+    from msn.flags import at_least
 
     at_least(cfg, {"threads": 1})  # type: ignore[arg-type]  # reads the field like a flag
     if not (math.isfinite(cfg.noise_loss_weight) and cfg.noise_loss_weight > 0):
@@ -615,8 +616,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out samples per evaluation")
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
+    add_threads_argument(p)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -5,6 +5,10 @@ is. ``--chat``, once needed for the template, is still accepted: it only turns a
 into an error instead of sending the text as is. Dtype, device and tree default as in ``msn bench`` (bf16,
 ``auto``: cuda when available, the tree preset for that device and dtype), and the prompt is encoded and
 the EOS ids taken as there, so a prompt decodes here as the same question does in a benchmark.
+
+A command beside its peers (``msn/distill.py``, ``msn/bench/cli.py``, ``msn/serve/cli.py``), not inside the
+decoding room it drives: decoding is a library the commands stand on, and its flags are the shared ones
+(:mod:`msn.flags`). Not named ``msn/generate.py``: importing that would replace the ``msn.generate`` function.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from msn.bench.flags import add_quantize_argument, add_sampling_arguments, sampling_kwargs
 from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
+from msn.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_quantize_argument,
+    add_sampling_arguments,
+    add_threads_argument,
+    sampling_kwargs,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,11 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="kept for old scripts: the chat template is the default now (with --chat, a model "
                           "without one is an error instead of getting the text as is)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="default: bf16")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_dtype_argument(p)
+    add_device_argument(p)
     add_quantize_argument(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
+    add_threads_argument(p)
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="verify through a static KV cache and a torch.compile-d forward (first use compiles, ~30 s "
@@ -72,10 +82,9 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from msn.bench.flags import at_least, check_quantize_flag
-    from msn.bench.session import pick_device
     from msn.decoding.engine import generate
     from msn.decoding.tree import resolve_tree
+    from msn.flags import at_least, check_quantize_flag, pick_device
     from msn.models import load_model, parse_dtype
     from msn.prompting import encode_prompt, eos_ids
 
