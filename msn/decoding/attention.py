@@ -37,6 +37,8 @@ def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torc
             or key.shape[-1] != value.shape[-1] or any(kwargs.get(k) for k in _UNSUPPORTED)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
+    if query.shape[0] > 1 and query.dtype in ROWS_DTYPES and attention_mask is not None:
+        return batched_attention(query, key, value, attention_mask, scaling), None
     if query.shape[2] == 1 and query.dtype in ROWS_DTYPES and (attention_mask is None or attention_mask.shape[1:3] == (1, 1)):
         return one_query_attention(query, key, value, attention_mask, scaling), None
     if attention_mask is None:
@@ -59,6 +61,43 @@ def one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     rows = query.reshape(b, kv, h // kv, d)
     out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, 1, h, value.shape[-1])
+
+
+def batched_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+                      scaling: float | None) -> torch.Tensor:
+    """Several requests' few tree tokens each (msn.decoding.batch), bf16/fp16: two batched matmuls and a float32
+    softmax, the query heads of each key/value head as rows of one block. torch's CPU flash kernel pays per
+    (row, head) block and is slow for few query rows: 8 requests x 1 token over 800 keys, 0.35 ms against
+    0.88 ms per layer (docs/results.md, serving several clients). Not bit-identical to the flash kernel (the
+    scores are rounded to bf16 before the softmax), so a lone request never comes here. ``query`` [b, h, n, d]
+    -> [b, n, h, d]."""
+    b, h, n, d = query.shape
+    kv = key.shape[1]
+    rows = query.reshape(b, kv, (h // kv) * n, d)
+    mask = attention_mask.float()
+    if mask.shape[2] != 1:  # [b, 1, n, L] -> the same rows for every query head of a group
+        mask = mask.unsqueeze(2).expand(b, 1, h // kv, n, mask.shape[-1]).reshape(b, 1, (h // kv) * n, -1)
+    key, value = _whole_buffer(key), _whole_buffer(value)
+    if key.shape[-2] > mask.shape[-1]:  # the buffer's spare entries: never attended
+        mask = F.pad(mask, (0, key.shape[-2] - mask.shape[-1]), value=float("-inf"))
+    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * (scaling or d**-0.5) + mask
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)
+    return out.reshape(b, h, n, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _whole_buffer(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [b, h, L, d] when it is the first L entries of a buffer [b, h, cap, d] (the batch's cache appends into
+    spare room): the whole buffer, which a batched matmul reads in place, where the view would be copied first
+    (the rows are not evenly spaced for it). The spare entries are zeros or old entries, finite, and masked."""
+    b, h, length, d = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 or s2 != d or s1 == length * d or s1 % d or s0 != h * s1:
+        return t
+    cap = s1 // d
+    need = t.storage_offset() + (b - 1) * s0 + (h - 1) * s1 + cap * d
+    if need * t.element_size() > t.untyped_storage().nbytes():
+        return t
+    return t.as_strided((b, h, cap, d), (s0, s1, s2, s3))
 
 
 def _register() -> None:

@@ -8,9 +8,11 @@ drafts and the tree only decide how many tokens one forward commits.
 
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -134,11 +136,18 @@ def generate(model, input_ids=None, max_new_tokens: int | None = None, method: s
     return out.sequences if req.via_hf else out
 
 
+class StepInputs(NamedTuple):
+    tokens: torch.Tensor  # [n] the root, then the tree's draft nodes
+    positions: torch.Tensor  # [n]
+    ancestors: torch.Tensor | None  # [n, n] bool; None: one token, the model's own causal mask
+    past: int  # cache entries before the step (the committed tokens but the root)
+
+
 class _Decoder:
     """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
     def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState, compile: bool = False,
-                 packing=None):
+                 packing=None, private_sources: bool = False):
         self.model, self.req, self.streamer = model, req, streamer
         self.device, self.dtype = req.input_ids.device, model.dtype
         self.compile, self.packing = compile, packing
@@ -150,6 +159,8 @@ class _Decoder:
         self.state = state
         self.auto = isinstance(req.tree, AutoTree)
         self.sources = {name: self.state.sources[name] for name in req.tree.sources}
+        if private_sources:  # several requests at once (msn.decoding.batch): each drafts from its own state
+            self.sources = {n: copy.copy(s) if s.per_request else s for n, s in self.sources.items()}
         self.shapes = {name: None if self.auto else req.tree.shape(name) for name in self.sources}
         for name, src in self.sources.items():
             src.configure(self.shapes[name])
@@ -183,6 +194,9 @@ class _Decoder:
         wall = time.perf_counter() - start
         if self.streamer is not None:
             self.streamer.end()
+        return self.output(wall)
+
+    def output(self, wall: float) -> GenerateOutput:
         return GenerateOutput(
             sequences=self.committed[None, : self.length].clone(),
             new_tokens=self.length - self.prompt_len,
@@ -219,14 +233,18 @@ class _Decoder:
         trie = self.propose()
         tree = self.choose(trie)
         logits = self.forward(tree)
+        self.settle(trie, tree, logits)
+        if self.latency is not None:
+            self.latency.observe(len(tree) - 1, self.forward_seconds, past, time.perf_counter() - t0)
+
+    def settle(self, trie: trie_mod.Trie, tree: trie_mod.StepTree, logits: torch.Tensor) -> None:
+        """Everything after the forward: accept, cut, keep, commit, observe (a batch calls it per request)."""
         top_vals, top_ids = self.top(logits)
         acc = self.accept(tree, logits, top_vals, top_ids)
         new = self.cut(tree.tokens, acc)
         self.keep(tree, acc)
         self.commit(new)
         self.observe(trie, tree, logits, top_ids, top_vals, acc, new)
-        if self.latency is not None:
-            self.latency.observe(len(tree) - 1, self.forward_seconds, past, time.perf_counter() - t0)
 
     # -- the named steps -----------------------------------------------------------------------------------
     def propose(self) -> trie_mod.Trie:
@@ -241,24 +259,32 @@ class _Decoder:
             self.chain_lengths.append(self.sources["retrieval"].last_chain)
         return trie_mod.merge(root, drafts, self.state.calibrator.estimate)
 
-    def choose(self, trie: trie_mod.Trie) -> trie_mod.StepTree:
-        """Static template: every candidate. Auto: the n best by path probability, n by tokens/s."""
+    def choose(self, trie: trie_mod.Trie, n: int | None = None) -> trie_mod.StepTree:
+        """Static template: every candidate. Auto: the n best by path probability, n by tokens/s (or the
+        ``n`` a batch chose for all its requests together, see :mod:`msn.decoding.batch`)."""
         t = None
-        if self.latency is not None:
-            upto = min(len(trie) - 1, self.req.tree.max_nodes, self.latency.max_nodes)
-            t = self.latency.curve(upto, past=self.length - 1)
-        kept, q = trie_mod.select(trie, t)
+        if n is not None:
+            n = min(n, self.node_limit(trie))
+        elif self.latency is not None:
+            t = self.latency.curve(self.node_limit(trie), past=self.length - 1)
+        kept, q = trie_mod.select(trie, t, n)
         return trie_mod.compact(trie, kept, q)
 
-    def forward(self, tree: trie_mod.StepTree) -> torch.Tensor:
+    def node_limit(self, trie: trie_mod.Trie) -> int:
+        """The most draft nodes an auto tree may verify this step."""
+        return min(len(trie) - 1, self.req.tree.max_nodes, self.latency.max_nodes if self.latency else 0)
+
+    def inputs(self, tree: trie_mod.StepTree) -> StepInputs:
+        """The verification forward's tokens, their positions and the tree's ancestor matrix."""
         past = self.length - 1
         if len(tree) == 1:  # a plain one-token step with the model's own causal mask
-            tokens, ancestors = self.committed[past : self.length], None
-            positions = torch.arange(past, self.length, device=self.device)
-        else:
-            tokens = torch.tensor(tree.tokens, device=self.device)
-            positions = torch.tensor(tree.depths, device=self.device) + past
-            ancestors = tree.ancestors(self.device)
+            return StepInputs(self.committed[past : self.length], torch.arange(past, self.length, device=self.device),
+                              None, past)
+        return StepInputs(torch.tensor(tree.tokens, device=self.device),
+                          torch.tensor(tree.depths, device=self.device) + past, tree.ancestors(self.device), past)
+
+    def forward(self, tree: trie_mod.StepTree) -> torch.Tensor:
+        tokens, positions, ancestors, past = self.inputs(tree)
         start = time.perf_counter()
         logits = self.kv.forward(tokens, positions, ancestors, past).float()  # bf16 topk on CPU is ~10x slower
         if self.latency is not None and self.device.type == "cuda":

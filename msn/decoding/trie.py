@@ -89,13 +89,21 @@ def choose_size(q_sorted: Sequence[float], t: Sequence[float]) -> int:
     return best_n
 
 
-def select(trie: Trie, t: Sequence[float] | None) -> tuple[list[int], list[float]]:
-    """Kept node ids (sorted, root first) and q for every trie node. ``t`` None: keep every node."""
+def ranked(trie: Trie) -> tuple[list[int], list[float]]:
+    """Draft node ids by path probability, best first (ties: parents, the lower ids, first; a node's q never
+    exceeds its parent's, so every prefix of the order is a tree), and q for every trie node."""
     q = trie.path_probs()
-    if t is None:
+    return sorted(range(1, len(trie)), key=lambda i: (-q[i], i)), q
+
+
+def select(trie: Trie, t: Sequence[float] | None, n: int | None = None) -> tuple[list[int], list[float]]:
+    """Kept node ids (sorted, root first) and q for every trie node. ``t`` None: keep every node, or the ``n``
+    likeliest when ``n`` is given (a batch sized the trees of all its requests together)."""
+    order, q = ranked(trie)
+    if t is None and n is None:
         return list(range(len(trie))), q
-    order = sorted(range(1, len(trie)), key=lambda i: (-q[i], i))  # ties: parents (lower ids) first
-    n = choose_size([q[i] for i in order], t)
+    if n is None:
+        n = choose_size([q[i] for i in order], t)
     return [0, *sorted(order[:n])], q
 
 

@@ -83,6 +83,9 @@ class DraftSource:
 
     name: ClassVar[str] = "?"
     top_k_needed: int = 0  # how many of each row's best next tokens observe() needs
+    # Whether the source's state is one request's (then requests decoded together each get a copy, made before
+    # begin(), which replaces that state) or learnt across requests and shared (the recycling table).
+    per_request: ClassVar[bool] = True
 
     def configure(self, shape) -> None:
         """A static template's part for this source, or None for the auto tree (propose generously)."""

@@ -23,6 +23,7 @@ PROMPT_ROWS = 64  # prefill rows recorded at most: the LM head over each costs ~
 class RecyclingSource(DraftSource):
     name = "recycling"
     top_k_needed = K
+    per_request = False  # the table is what earlier steps and requests taught: every request reads and adds to it
 
     def __init__(self, k: int = K, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH,
                  prompt_rows: int = PROMPT_ROWS):
