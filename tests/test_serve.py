@@ -314,6 +314,9 @@ def test_routing_errors_are_openai_shaped_and_the_server_keeps_serving(client):
 
 @pytest.mark.parametrize("flags, message", [
     (["--queue-size", "0"], "--queue-size must be >= 1"),
+    (["--max-batch", "0"], "--max-batch must be in 1..64"),
+    (["--max-batch", "-3"], "--max-batch must be in 1..64"),
+    (["--max-batch", "100000"], "--max-batch must be in 1..64"),
     (["--port", "70000"], "--port must be in 1..65535"),
     (["--api-key", " "], "--api-key is empty"),
     (["--tree", "nope"], "unknown tree 'nope'"),
@@ -375,7 +378,8 @@ def test_usage_says_whether_greedy_text_is_reproducible(dtype, method, reproduci
 
 # -- a real server: msn serve with SmolLM2-135M, the openai client --------------------------------------------
 API_KEY = "test-key"
-QUEUE = 7  # 8 concurrent clients fit (1 running + 7 waiting); the 9th gets 503
+MAX_BATCH = 2  # requests decoded together (the 8 concurrent clients below run 2 at a time, batched)
+QUEUE = 7  # 9 concurrent clients fit (2 running + 7 waiting); the 10th gets 503
 MODEL = "smollm2-135m"
 
 
@@ -409,7 +413,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "msn.cli", "serve", "--model", MODEL, "--port", str(port), "--dtype", "fp32",
-           "--threads", "1", "--queue-size", str(QUEUE), "--api-key", API_KEY]
+           "--threads", "1", "--queue-size", str(QUEUE), "--max-batch", str(MAX_BATCH), "--api-key", API_KEY]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -505,9 +509,11 @@ def test_real_server_queue_full_503_and_disconnect_mid_stream(api, server):
 
     base = server[1]
     counting = "1, 2, 3, 4, 5, 6, 7, 8,"
-    long = api.completions.create(model=MODEL, prompt=counting, max_tokens=4000, temperature=0, stream=True)
-    first = next(iter(long))  # generating now
-    assert first.choices[0].text
+    longs = [api.completions.create(model=MODEL, prompt=counting, max_tokens=4000, temperature=0, stream=True)
+             for _ in range(MAX_BATCH)]
+    for long in longs:
+        assert next(iter(long)).choices[0].text  # generating now, together
+    assert get_json(f"{base}/health")[1]["running"] == MAX_BATCH
     done: list[int] = []
     waiting = [threading.Thread(target=lambda: done.append(len(api.completions.create(
         model=MODEL, prompt="Hello", max_tokens=2, temperature=0).choices))) for _ in range(QUEUE)]
@@ -521,7 +527,8 @@ def test_real_server_queue_full_503_and_disconnect_mid_stream(api, server):
         api.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
     assert e.value.status_code == 503 and int(e.value.response.headers["retry-after"]) >= 1
     assert e.value.body["code"] == "queue_full"
-    long.close()  # the client leaves mid-stream: its 4000-token generation stops at the next step
+    for long in longs:
+        long.close()  # the client leaves mid-stream: its 4000-token generation stops at the next step
     for t in waiting:
         t.join(60)
     assert done == [1] * QUEUE

@@ -31,7 +31,16 @@ from msn.errors import MsnError
 from msn.prompting import encode_chat, encode_text, eos_ids
 from msn.serve import protocol as p
 from msn.serve.guard import Guard
-from msn.serve.worker import Delta, Failed, Finished, Job, QueueFull, Worker
+from msn.serve.worker import (
+    DEFAULT_MAX_BATCH,
+    Delta,
+    Failed,
+    Finished,
+    Job,
+    QueueFull,
+    Worker,
+    check_max_batch,
+)
 
 log = logging.getLogger("msn.serve")
 
@@ -54,14 +63,31 @@ def check_api_key(api_key: str | None, name: str = "the API key") -> None:
                        "characters): use printable ASCII only")
 
 
+def batch_size(model, max_batch: int, compile: bool | None) -> int:
+    """``max_batch``, or 1 (said once) where requests cannot share a forward: a compiled forward (its static
+    cache holds one request) or a model whose layers slide a window."""
+    from msn.decoding.batch import batch_unsupported
+    from msn.decoding.static_kv import resolve_compile
+
+    if max_batch == 1:
+        return 1
+    why = "the compiled forward serves one request" if resolve_compile(model, compile) else batch_unsupported(model)
+    if why is not None:
+        log.warning("msn serve: requests run one at a time (max batch %d asked): %s", max_batch, why)
+        return 1
+    return max_batch
+
+
 def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tree: Tree | str | None = None,
-               queue_size: int = 16, api_key: str | None = None, default_max_tokens: int = 512,
+               queue_size: int = 16, max_batch: int = DEFAULT_MAX_BATCH, api_key: str | None = None,
+               default_max_tokens: int = 512,
                compile: bool | None = None, max_body: int = DEFAULT_MAX_BODY, allowed_hosts: tuple[str, ...] = (),
                allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` as ``model_id``. ``method``/``tree``: the default decoding
     (a request may override both through its ``msn`` field); ``default_max_tokens``: for requests that give
     no max_tokens (capped by the context); ``compile``: verify through the compiled path (every request; None:
-    on a CUDA device only); ``max_body``: the largest request body in bytes; ``allowed_hosts`` /
+    on a CUDA device only); ``max_batch``: requests decoded together (one at a time where the model cannot
+    share a forward, or compiled); ``max_body``: the largest request body in bytes; ``allowed_hosts`` /
     ``allowed_origins``: names and web origins served besides localhost and IP addresses (see
     :mod:`msn.serve.guard`; ``"*"``: any)."""
     if method not in METHODS:
@@ -70,8 +96,10 @@ def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tr
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise MsnError(f"max_body must be a positive number of bytes, got {max_body!r}")
     device = next(model.parameters()).device
+    max_batch = batch_size(model, check_max_batch(max_batch), compile)
+    worker = Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size, max_batch)
     server = _Server(model, tokenizer, model_id, method, resolve_tree(tree, device, model.dtype), device,
-                     default_max_tokens, Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size), compile)
+                     default_max_tokens, worker, compile)
     server.max_body = max_body
 
     @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ import sys
 from msn.decoding.tree import METHODS, TREE_HELP
 from msn.errors import InputError, MsnError
 from msn.flags import add_quantize_argument
+from msn.serve.worker import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT
 
 log = logging.getLogger("msn.serve")
 
@@ -44,8 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quantize_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help="requests decoded together, one forward verifying all their trees per step (default: "
+                        "%(default)s, the best aggregate tokens/s measured on a 2-core CPU at 8 clients, docs/results.md; "
+                        "1: one at a time)")
     p.add_argument("--queue-size", type=int, default=16,
-                   help="requests that may wait behind the running one; more get 503 + Retry-After (default: 16)")
+                   help="requests that may wait behind the running ones; more get 503 + Retry-After (default: 16)")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="for requests without max_tokens, capped by the context (default: %(default)s)")
     p.add_argument("--api-key", default=None,
@@ -72,6 +77,8 @@ def _check(args) -> None:
     from msn.flags import at_least
 
     at_least(args, {"threads": 1, "queue_size": 1, "default_max_tokens": 1})
+    if not 1 <= args.max_batch <= MAX_BATCH_LIMIT:
+        raise InputError(f"--max-batch must be in 1..{MAX_BATCH_LIMIT} (requests decoded together), got {args.max_batch}")
     if args.drain_timeout < 0:
         raise InputError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.api_key is not None and not args.api_key.strip():
@@ -144,7 +151,7 @@ def run(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=device, quantize=quantize)
     name = args.served_name or args.model
     app = create_app(model, tok, model_id=name, method=args.method, tree=tree, queue_size=args.queue_size,
-                     api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile,
+                     max_batch=args.max_batch, api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile,
                      max_body=args.max_body, allowed_hosts=args.allowed_hosts,
                      allowed_origins=args.allowed_origins)
     if not args.no_warmup:

@@ -1,9 +1,12 @@
-"""One thread owns the model: requests wait in a bounded queue and run one at a time.
+"""One thread owns the model: requests wait in a bounded queue and up to ``max_batch`` of them are decoded
+together, one verified forward for all their trees per step (:mod:`msn.decoding.batch`).
 
-A model is not safe to run from two threads at once, and on one device two interleaved requests are no
-faster than one after the other; a bounded queue turns overload into a quick 503 instead of a pile of
-requests that time out. Each job streams :class:`Delta` events and ends with exactly one
-:class:`Finished` or :class:`Failed`; a cancelled job (client gone) stops at the engine's next step.
+A model is not safe to run from two threads at once, and two interleaved requests are no faster than one
+after the other, while one forward over both their trees costs little more than one; a bounded queue turns
+overload into a quick 503 instead of a pile of requests that time out. A request joins the batch between
+steps and leaves it the step it ends. Each job streams :class:`Delta` events and ends with exactly one
+:class:`Finished` or :class:`Failed`; a cancelled job (client gone) stops at the engine's next step; a job
+that fails fails alone. ``max_batch=1`` decodes one request at a time through :func:`msn.generate`.
 """
 
 from __future__ import annotations
@@ -121,18 +124,30 @@ class _Streamer:
         pass
 
 
-class Worker:
-    """The model's only user. ``queue_size`` bounds the requests waiting behind the running one."""
+DEFAULT_MAX_BATCH = 8  # requests decoded together by default (docs/results.md, serving several clients)
+MAX_BATCH_LIMIT = 64  # requests decoded together at most (a tree each: past this a step's forward is huge)
 
-    def __init__(self, model, tokenizer, eos: list[int], queue_size: int = 16):
+
+def check_max_batch(max_batch) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise MsnError(f"max batch must be an integer from 1 to {MAX_BATCH_LIMIT} (requests decoded together), "
+                       f"got {max_batch!r}")
+    return max_batch
+
+
+class Worker:
+    """The model's only user. ``max_batch`` requests run together; ``queue_size`` bounds those waiting
+    behind them."""
+
+    def __init__(self, model, tokenizer, eos: list[int], queue_size: int = 16, max_batch: int = 1):
         if queue_size < 1:
             raise MsnError(f"queue size must be >= 1, got {queue_size}")
         self.model, self.tokenizer, self.eos = model, tokenizer, list(eos)
-        self.queue_size = queue_size
+        self.queue_size, self.max_batch = queue_size, check_max_batch(max_batch)
         self.tokenizer_lock = threading.Lock()  # the app encodes prompts while this thread decodes
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._mean_seconds = 1.0  # recent request duration, for Retry-After
@@ -158,8 +173,8 @@ class Worker:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"running": int(self._running is not None), "waiting": len(self._waiting),
-                    "queue_size": self.queue_size, "served": self.served}
+            return {"running": len(self._running), "waiting": len(self._waiting), "queue_size": self.queue_size,
+                    "max_batch": self.max_batch, "served": self.served}
 
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -178,8 +193,8 @@ class Worker:
                 job.cancelled.set()
                 job.emit(Failed("the server is shutting down", 503))
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for job in self._running:
+                job.cancelled.set()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -191,23 +206,108 @@ class Worker:
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self._running = self._waiting.popleft()
+                if self.max_batch > 1:
+                    job = None
+                else:
+                    job = self._waiting.popleft()
+                    self._running.add(job)
+            if job is None:
+                self._run_batched()
+                continue
             try:
                 start = time.perf_counter()
                 self.run(job)
-                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
+                self._ended(start)
             finally:
                 with self._cond:
-                    self._running = None
-                    self.served += 1
+                    self._running.discard(job)
+
+    def _ended(self, start: float) -> None:
+        with self._cond:
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
+            self.served += 1
+
+    def _take(self, room: int) -> list[Job]:
+        with self._cond:
+            jobs = []
+            while self._waiting and len(jobs) < room and not self._closed:
+                jobs.append(self._waiting.popleft())
+            self._running.update(jobs)
+            return jobs
+
+    def _run_batched(self) -> None:
+        """Decode the waiting jobs together until none is left; jobs join between steps (never raises)."""
+        from msn.decoding.batch import Batch
+
+        active: dict = {}  # batch member -> (job, text, streamer, start)
+        try:
+            with Batch(self.model) as batch:
+                while True:
+                    for job in self._take(self.max_batch - len(batch)):
+                        self._join(batch, job, active)
+                    if not len(batch):
+                        return
+                    try:
+                        left = batch.step()
+                    except Exception as e:  # the shared forward itself failed: every request in it fails
+                        log.exception("a batched step failed")
+                        for member in list(active):
+                            self._fail(active.pop(member)[0], Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+                        return
+                    for member in left:
+                        self._leave(member, *active.pop(member))
+        except Exception as e:  # opening the batch failed (e.g. the model cannot batch): fail what was taken
+            log.exception("batched decoding failed")
+            for job, *_ in active.values():
+                self._fail(job, Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+            with self._cond:
+                taken = list(self._running)
+            for job in taken:
+                self._fail(job, Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+
+    def _join(self, batch, job: Job, active: dict) -> None:
+        text = TextStream(self.decode, job.stops)
+        streamer = _Streamer(job, text)
+        start = time.perf_counter()
+        try:
+            member = batch.add(job.ids, streamer=streamer, eos_token_id=self.eos, **job.settings)
+        except _Stop:  # cancelled before it started
+            self._fail(job, None)
+            return
+        except MsnError as e:
+            self._fail(job, Failed(str(e), 400))
+            return
+        except Exception as e:
+            log.exception("generation failed")
+            self._fail(job, Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+            return
+        active[member] = (job, text, streamer, start)
+
+    def _fail(self, job: Job, event: Failed | None) -> None:
+        if event is not None:
+            job.emit(event)
+        with self._cond:
+            self._running.discard(job)
+            self.served += 1
+
+    def _leave(self, member, job: Job, text: TextStream, streamer: _Streamer, start: float) -> None:
+        error = member.error
+        if error is not None and not isinstance(error, _Stop):
+            if isinstance(error, MsnError):
+                self._fail(job, Failed(str(error), 400))
+            else:
+                log.error("generation failed", exc_info=error)
+                self._fail(job, Failed(f"generation failed: {type(error).__name__}: {error}", 500))
+            return
+        self._finish(job, text, streamer, time.perf_counter() - start)
+        with self._cond:
+            self._running.discard(job)
+        self._ended(start)  # counts it served
 
     def run(self, job: Job) -> None:
         """Generate ``job`` on this thread, emitting its events (never raises)."""
-        import torch
-
         from msn.decoding.engine import generate
 
-        method = job.settings.get("method", "tr-jacobi")
         text = TextStream(self.decode, job.stops)
         streamer = _Streamer(job, text)
         start = time.perf_counter()
@@ -222,7 +322,12 @@ class Worker:
             log.exception("generation failed")
             job.emit(Failed(f"generation failed: {type(e).__name__}: {e}", 500))
             return
-        wall = time.perf_counter() - start
+        self._finish(job, text, streamer, time.perf_counter() - start)
+
+    def _finish(self, job: Job, text: TextStream, streamer: _Streamer, wall: float) -> None:
+        import torch
+
+        method = job.settings.get("method", "tr-jacobi")
         # A stop string found only in the unfinished bytes released at the end (a length cut mid-character shows
         # as U+FFFD) still cuts the text, but the generation ended by its length.
         stopped = text.stopped or (bool(text.tokens) and text.tokens[-1] in self.eos)
