@@ -17,6 +17,7 @@ _LAZY = {
     "GenerateOutput": "msn.decoding",
     "TreeTemplate": "msn.decoding",
     "generate": "msn.decoding",
+    "generate_batch": "msn.decoding",
     "DEFAULT_MODEL": "msn.models",
     "PRESETS": "msn.models",
     "load_model": "msn.models",
@@ -30,7 +31,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from msn.data import build_dataset  # noqa: F401
-    from msn.decoding import METHODS, GenerateOutput, TreeTemplate, generate  # noqa: F401
+    from msn.decoding import METHODS, GenerateOutput, TreeTemplate, generate, generate_batch  # noqa: F401
     from msn.models import DEFAULT_MODEL, PRESETS, load_model  # noqa: F401
     from msn.training.collator import MSNCollator  # noqa: F401
     from msn.training.noise import NoiseConfig, ahead_noise, apply_noise, sample_segments, uniform_noise  # noqa: F401

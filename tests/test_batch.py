@@ -165,3 +165,34 @@ def test_the_shared_tree_size_is_a_lone_requests_choice_for_one_and_shrinks_with
     assert shared_tree_size([expected] * 16, lambda t: 0.001 * t) == 0  # every token costs: plain batched decoding
     # a static tree 9 wide rides along: its width is paid anyway, so the auto trees fill it
     assert shared_tree_size([expected] * 4, seconds, fixed=1, fixed_tokens=3.0, fixed_width=9) >= 8
+
+
+def test_batched_steps_learn_their_cost_and_a_lone_one_refines_the_curve():
+    model, prompts = _model("llama"), _prompts(3, seed=11)
+    state = DecoderState()
+    with Batch(model, state=state) as batch:
+        batch.add(prompts[1], max_new_tokens=6)
+        batch.step()  # one row: the curve's own shape
+        assert state.batch_scale == 1.0 and state.latency.steps == 1
+        batch.add(prompts[2], max_new_tokens=6)
+        batch.step()  # two rows: the batch's own correction, the one-row curve untouched
+        assert state.batch_scale != 1.0 and state.latency.steps == 1
+
+
+def test_a_stale_curve_is_not_measured_again_while_others_decode(monkeypatch):
+    from msn.decoding import costs
+
+    model, prompts = _model("qwen2"), _prompts(3, seed=12)
+    state = DecoderState()
+    calls = []
+    real = costs.remeasure
+    monkeypatch.setattr(costs, "remeasure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with Batch(model, state=state) as batch:
+        batch.add(prompts[1], max_new_tokens=4)
+        state.latency.drift, state.latency.steps = 5.0, 100  # stale: forwards ran 5x the curve
+        batch.add(prompts[2], max_new_tokens=4)  # a measurement now would stall the first request for seconds
+        assert calls == [] and state.latency.stale
+        while len(batch):
+            batch.step()
+        batch.add(prompts[1], max_new_tokens=2)  # alone again: measured as msn.generate would
+        assert calls == [1]

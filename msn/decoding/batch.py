@@ -94,6 +94,7 @@ def _set(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
         layer.device = keys.device
 
 
+SCALE_ALPHA = 0.1  # moving average of a batched forward's observed / predicted time
 SPARE = 64  # cache entries a row can grow into before its buffer is copied into a larger one
 
 
@@ -300,7 +301,8 @@ class Batch:
         kwargs.pop("compile", None)
         req = parse_request(self.model, input_ids, max_new_tokens, method, tree, eos_token_id, None, attention_mask,
                             kwargs, seed, streamer=streamer, compile=False, pack=self.pack)
-        decoder = _Decoder(self.model, req, streamer, seed, self.state, False, self.kv.packing, private_sources=True)
+        decoder = _Decoder(self.model, req, streamer, seed, self.state, False, self.kv.packing, private_sources=True,
+                           measure_again=not self.members)  # a measurement would stall the others for seconds
         member = Member(decoder, time.perf_counter())
         if streamer is not None:
             streamer.put(req.input_ids.cpu())
@@ -323,7 +325,7 @@ class Batch:
         decoders = [m.decoder for m in self.members]
         tries = [d.propose() for d in decoders]
         trees = self.choose(decoders, tries)
-        past, start = self.kv.lengths[0], time.perf_counter()
+        pasts, start = list(self.kv.lengths), time.perf_counter()
         logits = self.kv.forward([d.inputs(t) for d, t in zip(decoders, trees, strict=True)])
         seconds = time.perf_counter() - start
         root = torch.zeros(1, dtype=torch.long)
@@ -335,8 +337,13 @@ class Batch:
             except Exception as e:  # a streamer stopping it, a late bad stop rule: this request alone ends
                 member.error = e
         self.kv.keep([d.kv.kept for d in decoders])
-        if len(decoders) == 1 and decoders[0].latency is not None:  # the curve's own shape: refine it
-            decoders[0].latency.observe(len(trees[0]) - 1, seconds, past, time.perf_counter() - t0)
+        latency = next((d.latency for d in decoders if d.latency is not None), None)
+        if latency is not None and len(decoders) == 1:  # the curve's own shape: refine it
+            latency.observe(len(trees[0]) - 1, seconds, pasts[0], time.perf_counter() - t0)
+        elif latency is not None:
+            tokens = len(decoders) * max(len(t) for t in trees)
+            ratio = seconds / latency.predict(tokens - 1, sum(pasts) // len(pasts))
+            self.state.batch_scale += SCALE_ALPHA * (min(max(ratio, 0.25), 4.0) - self.state.batch_scale)
         left = [m for m in self.members if m.error is not None or m.decoder.done]
         self._leave(left)
         return left
@@ -378,7 +385,8 @@ class Batch:
         for d, trie in zip(decoders, tries, strict=True):
             order, q = trie_mod.ranked(trie)
             expected.append(list(itertools.accumulate((q[i] for i in order[: d.node_limit(trie)]), initial=1.0)))
-        return shared_tree_size(expected, lambda tokens: latency.predict(tokens - 1, past) + count * latency.overhead,
+        scale = self.state.batch_scale
+        return shared_tree_size(expected, lambda tokens: scale * latency.predict(tokens - 1, past) + count * latency.overhead,
                                 fixed_tokens=sum(sum(t.q) for t in fixed), fixed=len(fixed),
                                 fixed_width=max((len(t) for t in fixed), default=1))
 

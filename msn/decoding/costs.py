@@ -294,12 +294,14 @@ def load_or_measure(model, compiled: bool = False, packed: bool = False) -> Late
     return remeasure(model, compiled=compiled, packed=packed)[0]
 
 
-def for_next_request(latency: Latency | None, model, compiled: bool = False, packed: bool = False) -> Latency:
+def for_next_request(latency: Latency | None, model, compiled: bool = False, packed: bool = False,
+                     measure_again: bool = True) -> Latency:
     """The curve a new request should size its trees with: the one in use, unless step times have shown it
-    stale (then measured again, up to MAX_GENERATIONS times per process), or the cached one."""
+    stale (then measured again, up to MAX_GENERATIONS times per process, and only where ``measure_again``:
+    not while other requests decode beside it, whom a measurement would stall for seconds), or the cached one."""
     if latency is None:
         return load_or_measure(model, compiled, packed)
-    if not latency.stale or latency.generation >= MAX_GENERATIONS:
+    if not measure_again or not latency.stale or latency.generation >= MAX_GENERATIONS:
         return latency
     log = logger.info if latency.path not in _ANNOUNCED else logger.debug  # said once per curve and process
     _ANNOUNCED.add(latency.path)

@@ -77,6 +77,9 @@ class DecoderState:
     sources: dict[str, DraftSource] = field(default_factory=lambda: {n: cls() for n, cls in SOURCES.items()})
     calibrator: Calibrator = field(default_factory=Calibrator)
     latencies: dict[str, Latency] = field(default_factory=dict)  # t(n) per forward path: "compiled", "packed", "eager"
+    # Forwards over several requests' rows (msn.decoding.batch): observed / predicted time, a moving average. t(n)
+    # is measured on one row; B rows with holes, masks and per-row attention cost more than as many tokens in one.
+    batch_scale: float = 1.0
 
     @property
     def latency(self) -> Latency | None:
@@ -147,7 +150,7 @@ class _Decoder:
     """One request's step state; each step is the sequence of named calls in :meth:`step`."""
 
     def __init__(self, model, req: Request, streamer, seed: int, state: DecoderState, compile: bool = False,
-                 packing=None, private_sources: bool = False):
+                 packing=None, private_sources: bool = False, measure_again: bool = True):
         self.model, self.req, self.streamer = model, req, streamer
         self.device, self.dtype = req.input_ids.device, model.dtype
         self.compile, self.packing = compile, packing
@@ -168,7 +171,8 @@ class _Decoder:
         self.latency = None
         if self.auto and self.sources:
             path = "compiled" if compile else "packed" if packing is not None else "eager"
-            self.latency = for_next_request(self.state.latencies.get(path), model, compile, packing is not None)
+            self.latency = for_next_request(self.state.latencies.get(path), model, compile, packing is not None,
+                                            measure_again)
             self.state.latencies[path] = self.latency
         self.accept_lengths: list[int] = []
         self.accepted_by_source = {name: [] for name in SOURCES} if self.sources else {}
