@@ -579,3 +579,31 @@ def test_real_server_sigterm_drains_then_exits_0(server, api):
     assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")
     assert proc.wait(30) == 0, server[2].read_text()[-2000:]
     assert "msn serve: stopped" in server[2].read_text()
+
+
+def test_the_worker_runs_its_first_task_on_its_own_thread_and_hands_back_its_error():
+    seen = []
+    worker = Worker(model=None, tokenizer=None, eos=[2])
+    worker.start(lambda: seen.append(threading.current_thread().name))
+    worker.wait_started()
+    worker.start(lambda: seen.append("again"))  # started once
+    worker.close()
+    assert seen == ["msn-serve-worker"]
+    failing = Worker(model=None, tokenizer=None, eos=[2])
+    failing.start(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.wait_started()
+
+
+def test_max_batch_falls_back_to_one_where_requests_cannot_share_a_forward(caplog):
+    from msn.errors import MsnError
+    from msn.serve.app import create_app
+
+    tok = ByteChatTokenizer()
+    assert create_app(tiny_model("llama"), tok, model_id="t", max_batch=4).state.server.worker.max_batch == 4
+    with caplog.at_level("WARNING", logger="msn.serve"):
+        app = create_app(tiny_model("gemma3"), tok, model_id="t", max_batch=4)
+    assert app.state.server.worker.max_batch == 1 and "sliding-window" in caplog.text
+    for bad in (0, 65, True, "8"):
+        with pytest.raises(MsnError, match="max batch must be an integer from 1 to 64"):
+            create_app(tiny_model("llama"), tok, model_id="t", max_batch=bad)

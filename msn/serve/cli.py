@@ -154,8 +154,10 @@ def run(args) -> int:
                      max_batch=args.max_batch, api_key=api_key, default_max_tokens=args.default_max_tokens, compile=args.compile,
                      max_body=args.max_body, allowed_hosts=args.allowed_hosts,
                      allowed_origins=args.allowed_origins)
-    if not args.no_warmup:
-        _warm_up(model, tok, args.method, tree, args.compile)
+    if not args.no_warmup:  # on the worker's thread, where every request will run (Worker.start says why)
+        worker = app.state.server.worker
+        worker.start(lambda: _warm_up(model, tok, args.method, tree, args.compile))
+        worker.wait_started()
     if not _loopback(args.host) and api_key is None:
         log.warning("msn serve: listening on %s without --api-key: anyone who can reach this port can use it",
                     args.host)

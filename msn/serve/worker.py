@@ -151,6 +151,7 @@ class Worker:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._mean_seconds = 1.0  # recent request duration, for Retry-After
+        self._started, self._start_error = threading.Event(), None
         self.served = 0
 
     # -- the request side (any thread) ---------------------------------------------------------------------
@@ -181,9 +182,32 @@ class Worker:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- the worker thread ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="msn-serve-worker", daemon=True)
+    def start(self, first: Callable[[], None] | None = None) -> None:
+        """Start the thread (once; later calls do nothing). ``first`` runs on it before any request: model work
+        belongs on this one thread. Forwards run on another thread after the main thread ran some were ~1.3x
+        slower here (torch's CPU thread pools are per calling thread), and a t(n) curve measured on the main
+        thread then disagreed with every step (docs/results.md §22)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, args=(first,), name="msn-serve-worker", daemon=True)
         self._thread.start()
+
+    def wait_started(self) -> None:
+        """Wait for ``first`` to end; raise what it raised."""
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def _run(self, first: Callable[[], None] | None) -> None:
+        try:
+            if first is not None:
+                first()
+        except BaseException as e:  # noqa: BLE001 - handed to wait_started's caller
+            self._start_error = e
+            return
+        finally:
+            self._started.set()
+        self._loop()
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new jobs, cancel the waiting and the running one, wait for the thread."""
