@@ -52,9 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=ints, default=[1, 2, 4, 8], help="concurrent clients (default: 1,2,4,8)")
     p.add_argument("--requests", type=int, default=16, help="requests per level, shared by its clients (default: 16)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--questions", type=Path, required=True, help="Spec-Bench question.jsonl")
+    p.add_argument("--questions", type=Path, help="Spec-Bench question.jsonl")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--report-only", action="store_true", help="write load.md and load.png again from --out/load.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        return args
+    if args.questions is None:
+        p.error("--questions is required")
     if not args.questions.is_file():
         p.error(f"--questions {args.questions}: no such file")
     if args.requests < max(args.clients):
@@ -187,24 +192,39 @@ def plot(levels: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for mb in sorted({lv["max_batch"] for lv in levels}):
+    clients = sorted({lv["clients"] for lv in levels})
+    for i, mb in enumerate(sorted({lv["max_batch"] for lv in levels})):
         rows = sorted((lv for lv in levels if lv["max_batch"] == mb), key=lambda lv: lv["clients"])
-        xs = [lv["clients"] for lv in rows]
-        a.plot(xs, [lv["aggregate_tps"] for lv in rows], marker="o", label=f"--max-batch {mb}")
-        b.plot(xs, [lv["ttft_p50"] for lv in rows], marker="o", label=f"--max-batch {mb} p50")
-        b.plot(xs, [lv["ttft_p95"] for lv in rows], marker="x", linestyle="--", label=f"--max-batch {mb} p95")
+        xs, color = [lv["clients"] for lv in rows], f"C{i}"
+        a.plot(xs, [lv["aggregate_tps"] for lv in rows], marker="o", color=color, label=f"--max-batch {mb}")
+        b.plot(xs, [lv["ttft_p50"] for lv in rows], marker="o", color=color, label=f"--max-batch {mb} p50")
+        b.plot(xs, [lv["ttft_p95"] for lv in rows], marker="x", color=color, linestyle="--",
+               label=f"--max-batch {mb} p95")
     a.set(xlabel="concurrent clients", ylabel="aggregate tokens/s", title=title)
     b.set(xlabel="concurrent clients", ylabel="time to first token (s)", yscale="log")
     for ax in (a, b):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def report(levels: list[dict], args, out: Path) -> str:
+    title = f"{args.model} {args.dtype}, {args.threads} threads, {args.method}"
+    text = f"{title}, {args.requests} requests per level, {args.max_tokens} tokens\n\n" + table(levels, args.max_batch[0])
+    (out / "load.md").write_text(text + "\n")
+    plot(levels, out / "load.png", title)
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        data = json.loads((args.out / "load.json").read_text())
+        print(report(data["levels"], argparse.Namespace(**data["args"]), args.out))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = questions(args.questions, args.requests)
     servers: list[Server] = []
@@ -223,16 +243,12 @@ def main(argv=None) -> int:
     finally:
         for s in servers:
             s.stop()
-    title = f"{args.model} {args.dtype}, {args.threads} threads, {args.method}"
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": levels}
     tmp = args.out / "load.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
+    tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(args.out / "load.json")
-    text = f"{title}, {args.requests} requests per level, {args.max_tokens} tokens\n\n" + table(levels, args.max_batch[0])
-    (args.out / "load.md").write_text(text + "\n")
-    plot(levels, args.out / "load.png", title)
-    print(text)
+    print(report(levels, args, args.out))
     return 1 if any(lv["errors"] for lv in levels) else 0
 
 

@@ -504,6 +504,34 @@ def test_real_server_eight_concurrent_clients_each_get_their_own_answer(api, smo
 
 
 @pytest.mark.slow
+def test_real_server_batched_seeded_sampling_is_each_seeds_own_text(api, smollm2):
+    """Requests sampled side by side in one batch: each gets what its seed gives alone (fp32)."""
+    model, tok = smollm2
+    prompts = [f"Tell me about {w}." for w in WORDS[:MAX_BATCH + 1]]  # one more than a batch: one joins later
+    got: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        got[i] = api.completions.create(model=MODEL, prompt=prompts[i], max_tokens=10, temperature=0.8,
+                                        seed=100 + i).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, prompt in enumerate(prompts):
+            ids = encode_text(tok, prompt, special_tokens=True)
+            out = msn.generate(model, ids, max_new_tokens=10, method="ar", do_sample=True, temperature=0.8,
+                               seed=100 + i, eos_token_id=eos_ids(model, tok))
+            assert got[i] == tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True), i
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
 def test_real_server_queue_full_503_and_disconnect_mid_stream(api, server):
     import openai
 

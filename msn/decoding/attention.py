@@ -68,7 +68,7 @@ def batched_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """Several requests' few tree tokens each (msn.decoding.batch), bf16/fp16: two batched matmuls and a float32
     softmax, the query heads of each key/value head as rows of one block. torch's CPU flash kernel pays per
     (row, head) block and is slow for few query rows: 8 requests x 1 token over 800 keys, 0.35 ms against
-    0.88 ms per layer (docs/results.md, serving several clients). Not bit-identical to the flash kernel (the
+    0.88 ms per layer (docs/results.md §22). Not bit-identical to the flash kernel (the
     scores are rounded to bf16 before the softmax), so a lone request never comes here. ``query`` [b, h, n, d]
     -> [b, n, h, d]."""
     b, h, n, d = query.shape
