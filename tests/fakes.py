@@ -1,5 +1,6 @@
 """A byte-level stand-in tokenizer with a chat template, so bench code can be tested on tiny random models
-without any tokenizer files. Ids are character codes folded into the model's vocabulary."""
+without any tokenizer files (ids are character codes folded into the model's vocabulary); a streamer that ends
+a generation after some steps."""
 
 from __future__ import annotations
 
@@ -26,3 +27,23 @@ class ByteChatTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         special = {self.eos_token_id} if skip_special_tokens else set()
         return "".join(chr(i) if i >= 32 else "" for i in ids if i not in special)
+
+
+class Enough(Exception):
+    """What :class:`StopAfter` raises."""
+
+
+class StopAfter:
+    """The engine's streamer protocol; raises :class:`Enough` at the ``steps``-th step's tokens (the first ``put``
+    is the prompt): a client gone, a stop string found."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls > self.steps:
+            raise Enough
+
+    def end(self) -> None:
+        pass

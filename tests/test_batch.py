@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_VOCAB, tiny_model
+from fakes import Enough, StopAfter
 
 import msn
 from msn.decoding.batch import Batch, generate_batch, shared_tree_size
@@ -83,34 +84,17 @@ def test_a_batch_of_one_is_the_lone_request_bit_for_bit_in_bf16():
             assert alone.accept_lengths == out.accept_lengths and alone.tree_sizes == out.tree_sizes
 
 
-class _Boom(Exception):
-    pass
-
-
-class _FailAtStep:
-    def __init__(self, step: int):
-        self.step, self.calls = step, 0
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls > self.step:  # the first put is the prompt
-            raise _Boom
-
-    def end(self) -> None:
-        pass
-
-
 def test_a_request_that_fails_mid_batch_fails_alone_and_frees_its_row():
     model, prompts = _model("mistral"), _prompts(3, seed=7)
     with Batch(model) as batch:
         ok = [batch.add(prompts[0], max_new_tokens=20), batch.add(prompts[2], max_new_tokens=20)]
-        bad = batch.add(prompts[1], max_new_tokens=20, streamer=_FailAtStep(2))
+        bad = batch.add(prompts[1], max_new_tokens=20, streamer=StopAfter(2))
         left = []
         while len(batch):
             left += batch.step()
             assert len(batch.kv.lengths) == len(batch)  # a row per member still in the batch
             assert batch.kv.lengths == [m.decoder.length - 1 for m in batch.members]
-    assert isinstance(bad.error, _Boom) and bad.output is None and left[0] is bad
+    assert isinstance(bad.error, Enough) and bad.output is None and left[0] is bad
     for p, m in zip((prompts[0], prompts[2]), ok, strict=True):
         assert torch.equal(m.output.sequences, msn.generate(model, p, max_new_tokens=20).sequences)
 

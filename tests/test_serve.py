@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from fakes import ByteChatTokenizer
+from fakes import ByteChatTokenizer, Enough, StopAfter
 
 import msn
 from msn.prompting import encode_chat, encode_text, eos_ids
@@ -81,30 +81,14 @@ def test_stop_strings_are_cut_exactly_and_never_streamed(text, stops, expected):
 
 
 # -- the engine's streamer may end a generation ---------------------------------------------------------------
-class _Enough(Exception):
-    pass
-
-
-class _StopAfter:
-    def __init__(self, steps: int):
-        self.steps, self.calls = steps, 0
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls > self.steps:  # the first call is the prompt
-            raise _Enough
-
-    def end(self) -> None:
-        pass
-
 
 @pytest.mark.parametrize("method", ["ar", "tr-jacobi"])
 def test_a_raising_streamer_stops_generate_and_leaves_the_model_usable(method):
     model = tiny_model("llama")
     ids = torch.tensor([[5, 9, 13, 5, 9, 13, 5, 9]])
     kw = dict(max_new_tokens=24, method=method, tree="cpu-fp32-8", eos_token_id=[])
-    streamer = _StopAfter(3)
-    with pytest.raises(_Enough):
+    streamer = StopAfter(3)
+    with pytest.raises(Enough):
         msn.generate(model, ids, streamer=streamer, **kw)
     assert streamer.calls == 4
     again = msn.generate(model, ids, **kw)
