@@ -23,7 +23,7 @@ from fakes import ByteChatTokenizer, Enough, StopAfter
 import msn
 from msn.prompting import encode_chat, encode_text, eos_ids
 from msn.serve.text import TextStream
-from msn.serve.worker import Job, QueueFull, Worker
+from msn.serve.worker import Finished, Job, QueueFull, Worker
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -619,3 +619,15 @@ def test_max_batch_falls_back_to_one_where_requests_cannot_share_a_forward(caplo
     for bad in (0, 65, True, "8"):
         with pytest.raises(MsnError, match="max batch must be an integer from 1 to 64"):
             create_app(tiny_model("llama"), tok, model_id="t", max_batch=bad)
+
+
+def test_a_worker_asked_to_batch_a_model_that_cannot_serves_one_at_a_time():
+    events = []
+    worker = Worker(tiny_model("gemma3"), ByteChatTokenizer(), eos=[2], max_batch=4)  # sliding layers
+    worker.start()
+    done = threading.Event()
+    worker.submit(Job(torch.tensor([[5, 6, 7]]), {"max_new_tokens": 3, "method": "ar"}, [],
+                      lambda e: (events.append(e), isinstance(e, Finished) and done.set())))
+    assert done.wait(60), events
+    worker.close()
+    assert worker.max_batch == 1 and events[-1].result.completion_tokens == 3

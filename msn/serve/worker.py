@@ -265,7 +265,13 @@ class Worker:
 
         active: dict = {}  # batch member -> (job, text, streamer, start)
         try:
-            with Batch(self.model) as batch:
+            batch = Batch(self.model)
+        except MsnError as e:  # this model cannot share a forward: serve one at a time from now on
+            log.warning("msn serve: requests run one at a time: %s", e)
+            self.max_batch = 1
+            return
+        try:
+            with batch:
                 while True:
                     for job in self._take(self.max_batch - len(batch)):
                         self._join(batch, job, active)
