@@ -180,3 +180,25 @@ def test_a_stale_curve_is_not_measured_again_while_others_decode(monkeypatch):
             batch.step()
         batch.add(prompts[1], max_new_tokens=2)  # alone again: measured as msn.generate would
         assert calls == [1]
+
+
+def test_a_server_batch_measures_a_stale_curve_only_when_asked_between_requests(monkeypatch):
+    from msn.decoding import costs
+
+    model, prompts = _model("phi3"), _prompts(2, seed=13)
+    state = DecoderState()
+    calls = []
+    real = costs.remeasure
+    monkeypatch.setattr(costs, "remeasure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with Batch(model, state=state, measure_in_requests=False) as batch:
+        assert batch.refresh_curve() is False  # no curve yet
+        batch.add(prompts[1], max_new_tokens=2)
+        while len(batch):
+            batch.step()
+        assert batch.refresh_curve() is False and calls == []  # not stale
+        state.latency.drift, state.latency.steps = 5.0, 100
+        batch.add(prompts[1], max_new_tokens=2)  # alone, but a server's request never measures
+        assert calls == []
+        while len(batch):
+            batch.step()
+        assert batch.refresh_curve() is True and calls == [1] and not state.latency.stale

@@ -612,10 +612,13 @@ def test_max_batch_falls_back_to_one_where_requests_cannot_share_a_forward(caplo
     from msn.serve.app import create_app
 
     tok = ByteChatTokenizer()
-    assert create_app(tiny_model("llama"), tok, model_id="t", max_batch=4).state.server.worker.max_batch == 4
+    for size in (1, 4):  # a batch of one is msn.generate's forward: the batched loop serves max batch 1 too
+        worker = create_app(tiny_model("llama"), tok, model_id="t", max_batch=size).state.server.worker
+        assert worker.max_batch == size and worker.batched
     with caplog.at_level("WARNING", logger="msn.serve"):
         app = create_app(tiny_model("gemma3"), tok, model_id="t", max_batch=4)
-    assert app.state.server.worker.max_batch == 1 and "sliding-window" in caplog.text
+    worker = app.state.server.worker
+    assert worker.max_batch == 1 and not worker.batched and "sliding-window" in caplog.text
     for bad in (0, 65, True, "8"):
         with pytest.raises(MsnError, match="max batch must be an integer from 1 to 64"):
             create_app(tiny_model("llama"), tok, model_id="t", max_batch=bad)
@@ -630,4 +633,4 @@ def test_a_worker_asked_to_batch_a_model_that_cannot_serves_one_at_a_time():
                       lambda e: (events.append(e), isinstance(e, Finished) and done.set())))
     assert done.wait(60), events
     worker.close()
-    assert worker.max_batch == 1 and events[-1].result.completion_tokens == 3
+    assert worker.max_batch == 1 and not worker.batched and events[-1].result.completion_tokens == 3

@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from msn.decoding import trie as trie_mod
 from msn.decoding.attention import gqa_attention
 from msn.decoding.cache import _kv_pairs, cache_keyword, keep_step_entries
+from msn.decoding.costs import for_next_request
 from msn.decoding.engine import DecoderState, GenerateOutput, StepInputs, _Decoder, decoder_state
 from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import parse_request
@@ -257,13 +258,17 @@ class Batch:
     Use as a context manager: the packed weights and the attention function are installed for the model while
     the batch is open, as :func:`msn.generate` does for one request."""
 
-    def __init__(self, model, *, state: DecoderState | None = None, pack: bool | None = None):
+    def __init__(self, model, *, state: DecoderState | None = None, pack: bool | None = None,
+                 measure_in_requests: bool = True):
         reason = batch_unsupported(model)
         if reason is not None:
             raise MsnError(f"requests to this model cannot share a forward ({reason}): decode them one at a time")
         if state is not None and not isinstance(state, DecoderState):
             raise MsnError(f"state must be a msn.decoding.engine.DecoderState (or None), got {type(state).__name__}")
         self.model, self.state, self.pack = model, state or decoder_state(model), pack
+        # False: a request never measures a stale t(n) curve again (it would wait seconds, and so would the others);
+        # the owner calls refresh_curve() when idle (msn serve). True: a request starting alone measures it.
+        self.measure_in_requests = measure_in_requests
         self.members: list[Member] = []
         self.kv: BatchKV | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -302,7 +307,7 @@ class Batch:
         req = parse_request(self.model, input_ids, max_new_tokens, method, tree, eos_token_id, None, attention_mask,
                             kwargs, seed, streamer=streamer, compile=False, pack=self.pack)
         decoder = _Decoder(self.model, req, streamer, seed, self.state, False, self.kv.packing, private_sources=True,
-                           measure_again=not self.members)  # a measurement would stall the others for seconds
+                           measure_again=self.measure_in_requests and not self.members)  # others would wait
         member = Member(decoder, time.perf_counter())
         if streamer is not None:
             streamer.put(req.input_ids.cpu())
@@ -311,6 +316,17 @@ class Batch:
         decoder.kv = _RowKeep(self.kv.packing is not None)
         self.members.append(member)
         return member
+
+    def refresh_curve(self) -> bool:
+        """Measure the t(n) curve again now if step times have shown it stale (as a request starting alone would);
+        whether it was measured."""
+        path = "packed" if self.kv is not None and self.kv.packing is not None else "eager"
+        latency = self.state.latencies.get(path)
+        if latency is None or not latency.stale:
+            return False
+        fresh = for_next_request(latency, self.model, False, path == "packed")
+        self.state.latencies[path] = fresh
+        return fresh is not latency
 
     def remove(self, member: Member) -> None:
         """The request leaves now (cancelled); its row is freed."""

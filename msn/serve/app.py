@@ -63,19 +63,19 @@ def check_api_key(api_key: str | None, name: str = "the API key") -> None:
                        "characters): use printable ASCII only")
 
 
-def batch_size(model, max_batch: int, compile: bool | None) -> int:
-    """``max_batch``, or 1 (said once) where requests cannot share a forward: a compiled forward (its static
-    cache holds one request) or a model whose layers slide a window."""
+def batch_size(model, max_batch: int, compile: bool | None) -> tuple[int, bool]:
+    """(requests decoded together, whether through :class:`msn.decoding.batch.Batch`): ``max_batch`` and yes, or
+    1 through :func:`msn.generate` (said once) where requests cannot share a forward: a compiled forward (its
+    static cache holds one request) or a model whose layers slide a window."""
     from msn.decoding.batch import batch_unsupported
     from msn.decoding.static_kv import resolve_compile
 
-    if max_batch == 1:
-        return 1
     why = "the compiled forward serves one request" if resolve_compile(model, compile) else batch_unsupported(model)
-    if why is not None:
+    if why is None:
+        return max_batch, True
+    if max_batch > 1:
         log.warning("msn serve: requests run one at a time (max batch %d asked): %s", max_batch, why)
-        return 1
-    return max_batch
+    return 1, False
 
 
 def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tree: Tree | str | None = None,
@@ -96,8 +96,8 @@ def create_app(model, tokenizer, *, model_id: str, method: str = "tr-jacobi", tr
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise MsnError(f"max_body must be a positive number of bytes, got {max_body!r}")
     device = next(model.parameters()).device
-    max_batch = batch_size(model, check_max_batch(max_batch), compile)
-    worker = Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size, max_batch)
+    max_batch, batched = batch_size(model, check_max_batch(max_batch), compile)
+    worker = Worker(model, tokenizer, eos_ids(model, tokenizer), queue_size, max_batch, batched)
     server = _Server(model, tokenizer, model_id, method, resolve_tree(tree, device, model.dtype), device,
                      default_max_tokens, worker, compile)
     server.max_body = max_body

@@ -6,7 +6,10 @@ after the other, while one forward over both their trees costs little more than 
 overload into a quick 503 instead of a pile of requests that time out. A request joins the batch between
 steps and leaves it the step it ends. Each job streams :class:`Delta` events and ends with exactly one
 :class:`Finished` or :class:`Failed`; a cancelled job (client gone) stops at the engine's next step; a job
-that fails fails alone. ``max_batch=1`` decodes one request at a time through :func:`msn.generate`.
+that fails fails alone. ``max_batch=1`` decodes one request at a time (a batch of one: the forward of
+:func:`msn.generate`). A stale t(n) curve is measured again between requests, never inside one (everyone would
+wait seconds). A compiled server, or a model whose layers slide a window, runs :func:`msn.generate` one request
+at a time.
 """
 
 from __future__ import annotations
@@ -139,11 +142,15 @@ class Worker:
     """The model's only user. ``max_batch`` requests run together; ``queue_size`` bounds those waiting
     behind them."""
 
-    def __init__(self, model, tokenizer, eos: list[int], queue_size: int = 16, max_batch: int = 1):
+    def __init__(self, model, tokenizer, eos: list[int], queue_size: int = 16, max_batch: int = 1,
+                 batched: bool | None = None):
         if queue_size < 1:
             raise MsnError(f"queue size must be >= 1, got {queue_size}")
         self.model, self.tokenizer, self.eos = model, tokenizer, list(eos)
         self.queue_size, self.max_batch = queue_size, check_max_batch(max_batch)
+        # Through msn.decoding.batch (a batch of one is msn.generate's forward; the t(n) curve is measured again
+        # only between requests); None: when max_batch > 1. False: msn.generate, one at a time.
+        self.batched = max_batch > 1 if batched is None else batched
         self.tokenizer_lock = threading.Lock()  # the app encodes prompts while this thread decodes
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -230,7 +237,7 @@ class Worker:
                     self._cond.wait()
                 if self._closed:
                     return
-                if self.max_batch > 1:
+                if self.batched:
                     job = None
                 else:
                     job = self._waiting.popleft()
@@ -265,10 +272,10 @@ class Worker:
 
         active: dict = {}  # batch member -> (job, text, streamer, start)
         try:
-            batch = Batch(self.model)
+            batch = Batch(self.model, measure_in_requests=False)
         except MsnError as e:  # this model cannot share a forward: serve one at a time from now on
             log.warning("msn serve: requests run one at a time: %s", e)
-            self.max_batch = 1
+            self.max_batch, self.batched = 1, False
             return
         try:
             with batch:
@@ -276,6 +283,7 @@ class Worker:
                     for job in self._take(self.max_batch - len(batch)):
                         self._join(batch, job, active)
                     if not len(batch):
+                        batch.refresh_curve()  # idle: a stale t(n) curve is measured now, not inside a request
                         return
                     try:
                         left = batch.step()
