@@ -170,9 +170,9 @@ def test_a_stale_curve_is_not_measured_again_while_others_decode(monkeypatch):
     state = DecoderState()
     calls = []
     real = costs.remeasure
-    monkeypatch.setattr(costs, "remeasure", lambda *a, **k: calls.append(1) or real(*a, **k))
     with Batch(model, state=state) as batch:
-        batch.add(prompts[1], max_new_tokens=4)
+        batch.add(prompts[1], max_new_tokens=4)  # loads (or first measures) the curve
+        monkeypatch.setattr(costs, "remeasure", lambda *a, **k: calls.append(1) or real(*a, **k))
         state.latency.drift, state.latency.steps = 5.0, 100  # stale: forwards ran 5x the curve
         batch.add(prompts[2], max_new_tokens=4)  # a measurement now would stall the first request for seconds
         assert calls == [] and state.latency.stale
@@ -182,23 +182,20 @@ def test_a_stale_curve_is_not_measured_again_while_others_decode(monkeypatch):
         assert calls == [1]
 
 
-def test_a_server_batch_measures_a_stale_curve_only_when_asked_between_requests(monkeypatch):
+def test_a_server_batch_never_measures_a_stale_curve_again(monkeypatch):
     from msn.decoding import costs
 
     model, prompts = _model("phi3"), _prompts(2, seed=13)
     state = DecoderState()
     calls = []
     real = costs.remeasure
-    monkeypatch.setattr(costs, "remeasure", lambda *a, **k: calls.append(1) or real(*a, **k))
     with Batch(model, state=state, measure_in_requests=False) as batch:
-        assert batch.refresh_curve() is False  # no curve yet
-        batch.add(prompts[1], max_new_tokens=2)
+        batch.add(prompts[1], max_new_tokens=2)  # loads (or first measures) the curve
+        monkeypatch.setattr(costs, "remeasure", lambda *a, **k: calls.append(1) or real(*a, **k))
         while len(batch):
             batch.step()
-        assert batch.refresh_curve() is False and calls == []  # not stale
         state.latency.drift, state.latency.steps = 5.0, 100
-        batch.add(prompts[1], max_new_tokens=2)  # alone, but a server's request never measures
-        assert calls == []
+        batch.add(prompts[1], max_new_tokens=4)  # alone, but a server's request never measures
         while len(batch):
             batch.step()
-        assert batch.refresh_curve() is True and calls == [1] and not state.latency.stale
+    assert calls == [] and state.latency.steps > 100  # the steps refine the curve instead

@@ -37,7 +37,6 @@ from transformers.cache_utils import DynamicLayer
 from msn.decoding import trie as trie_mod
 from msn.decoding.attention import gqa_attention
 from msn.decoding.cache import _kv_pairs, cache_keyword, keep_step_entries
-from msn.decoding.costs import for_next_request
 from msn.decoding.engine import DecoderState, GenerateOutput, StepInputs, _Decoder, decoder_state
 from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import parse_request
@@ -266,8 +265,8 @@ class Batch:
         if state is not None and not isinstance(state, DecoderState):
             raise MsnError(f"state must be a msn.decoding.engine.DecoderState (or None), got {type(state).__name__}")
         self.model, self.state, self.pack = model, state or decoder_state(model), pack
-        # False: a request never measures a stale t(n) curve again (it would wait seconds, and so would the others);
-        # the owner calls refresh_curve() when idle (msn serve). True: a request starting alone measures it.
+        # False: a request never measures a stale t(n) curve again (it would wait seconds, and so would the others;
+        # msn serve); the steps keep refining it online. True: a request starting alone measures it, as msn.generate.
         self.measure_in_requests = measure_in_requests
         self.members: list[Member] = []
         self.kv: BatchKV | None = None
@@ -316,17 +315,6 @@ class Batch:
         decoder.kv = _RowKeep(self.kv.packing is not None)
         self.members.append(member)
         return member
-
-    def refresh_curve(self) -> bool:
-        """Measure the t(n) curve again now if step times have shown it stale (as a request starting alone would);
-        whether it was measured."""
-        path = "packed" if self.kv is not None and self.kv.packing is not None else "eager"
-        latency = self.state.latencies.get(path)
-        if latency is None or not latency.stale:
-            return False
-        fresh = for_next_request(latency, self.model, False, path == "packed")
-        self.state.latencies[path] = fresh
-        return fresh is not latency
 
     def remove(self, member: Member) -> None:
         """The request leaves now (cancelled); its row is freed."""

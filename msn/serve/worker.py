@@ -7,9 +7,10 @@ overload into a quick 503 instead of a pile of requests that time out. A request
 steps and leaves it the step it ends. Each job streams :class:`Delta` events and ends with exactly one
 :class:`Finished` or :class:`Failed`; a cancelled job (client gone) stops at the engine's next step; a job
 that fails fails alone. ``max_batch=1`` decodes one request at a time (a batch of one: the forward of
-:func:`msn.generate`). A stale t(n) curve is measured again between requests, never inside one (everyone would
-wait seconds). A compiled server, or a model whose layers slide a window, runs :func:`msn.generate` one request
-at a time.
+:func:`msn.generate`). A running server never measures its t(n) curve again: not inside a request (everyone
+would wait seconds), nor between them (measured beside another busy process, a curve came out 4x off here).
+The warm-up measures it on this thread and the steps refine it online. A compiled server, or a model whose
+layers slide a window, runs :func:`msn.generate` one request at a time.
 """
 
 from __future__ import annotations
@@ -283,7 +284,6 @@ class Worker:
                     for job in self._take(self.max_batch - len(batch)):
                         self._join(batch, job, active)
                     if not len(batch):
-                        batch.refresh_curve()  # idle: a stale t(n) curve is measured now, not inside a request
                         return
                     try:
                         left = batch.step()
