@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's choice); use 1 when the CPU is shared and busy")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help="requests decoded together, one forward verifying all their trees per step (default: "
-                        "%(default)s: the best aggregate tokens/s measured on a 2-core CPU, 2.05x one-at-a-time at 8 clients, "
+                        "%(default)s: the best aggregate tokens/s measured on a 2-core CPU, ~2x one-at-a-time at 8 clients, "
                         "docs/results.md §22; 1: one at a time)")
     p.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait behind the running ones; more get 503 + Retry-After (default: 16)")

@@ -128,7 +128,7 @@ class _Streamer:
         pass
 
 
-DEFAULT_MAX_BATCH = 8  # requests decoded together by default: best or level at 1-8 clients (docs/results.md §22)
+DEFAULT_MAX_BATCH = 8  # requests decoded together by default: best or level at 2-8 clients (docs/results.md §22)
 MAX_BATCH_LIMIT = 64  # requests decoded together at most (a tree each: past this a step's forward is huge)
 
 
