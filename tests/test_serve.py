@@ -634,3 +634,32 @@ def test_a_worker_asked_to_batch_a_model_that_cannot_serves_one_at_a_time():
     assert done.wait(60), events
     worker.close()
     assert worker.max_batch == 1 and not worker.batched and events[-1].result.completion_tokens == 3
+
+
+def test_a_failing_shared_forward_fails_its_jobs_with_a_500_and_the_worker_serves_on(monkeypatch):
+    from msn.decoding.batch import Batch
+    from msn.serve.worker import Failed
+
+    model = tiny_model("llama")
+    worker = Worker(model, ByteChatTokenizer(), eos=[2], max_batch=4)
+    real_step = Batch.step
+    monkeypatch.setattr(Batch, "step", lambda self: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    ended, events = threading.Semaphore(0), []
+
+    def emit(e):
+        events.append(e)
+        if isinstance(e, Finished | Failed):
+            ended.release()
+
+    jobs = [Job(torch.tensor([[5, 6, 7 + i]]), {"max_new_tokens": 3, "method": "ar"}, [], emit) for i in range(2)]
+    for job in jobs:
+        worker.submit(job)
+    worker.start()
+    assert ended.acquire(timeout=60) and ended.acquire(timeout=60)
+    failed = [e for e in events if isinstance(e, Failed)]
+    assert len(failed) == 2 and all(e.status == 500 and "RuntimeError: out of memory" in e.message for e in failed)
+    monkeypatch.setattr(Batch, "step", real_step)
+    worker.submit(Job(torch.tensor([[5, 6]]), {"max_new_tokens": 3, "method": "ar"}, [], emit))
+    assert ended.acquire(timeout=60)
+    worker.close()
+    assert isinstance(events[-1], Finished) and worker.stats()["running"] == 0

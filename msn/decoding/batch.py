@@ -36,12 +36,11 @@ from transformers.cache_utils import DynamicLayer
 
 from msn.decoding import trie as trie_mod
 from msn.decoding.attention import gqa_attention
-from msn.decoding.cache import _kv_pairs, cache_keyword, keep_step_entries
+from msn.decoding.cache import _kv_pairs, cache_keyword, keep_step_entries, tree_forward
 from msn.decoding.engine import DecoderState, GenerateOutput, StepInputs, _Decoder, decoder_state
 from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import parse_request
 from msn.decoding.static_kv import unsupported
-from msn.decoding.trie import tree_mask
 from msn.errors import MsnError
 
 __all__ = ["Batch", "Member", "batch_unsupported", "generate_batch", "shared_tree_size"]
@@ -193,14 +192,7 @@ class BatchKV:
         if self.packing is not None:
             self.packing.use(width * len(rows))
         if len(rows) == 1:  # exactly the single-request forward
-            (r,) = rows
-            if r.ancestors is None:
-                out = self.model(input_ids=r.tokens[None], use_cache=True, **{self.kw: self.cache})
-            else:
-                out = self.model(input_ids=r.tokens[None], position_ids=r.positions[None],
-                                 attention_mask=tree_mask(r.ancestors, r.past, self.model.dtype), use_cache=True,
-                                 **{self.kw: self.cache})
-            return [out.logits[0].float()]
+            return [tree_forward(self.model, self.kw, self.cache, *rows[0]).float()]
         ids, positions, mask = self._layout(rows, width)
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                          **{self.kw: self.cache})
@@ -421,14 +413,14 @@ def generate_batch(model, prompts: Sequence, *, max_batch: int = 8, state: Decod
         raise MsnError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     outputs: list[GenerateOutput | None] = [None] * len(prompts)
     waiting = list(enumerate(prompts))
-    index: dict[int, int] = {}
+    index: dict[Member, int] = {}
     with Batch(model, state=state, pack=pack) as batch:
         while waiting or len(batch):
             while waiting and len(batch) < max_batch:
                 i, ids = waiting.pop(0)
-                index[id(batch.add(ids, **kwargs))] = i
+                index[batch.add(ids, **kwargs)] = i
             for member in batch.step():
                 if member.error is not None:
                     raise member.error
-                outputs[index[id(member)]] = member.output
+                outputs[index[member]] = member.output
     return outputs  # type: ignore[return-value]

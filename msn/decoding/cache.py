@@ -93,6 +93,21 @@ def keep_step_entries(cache, step_len: int, keep: torch.Tensor) -> None:
                 layer.values = layer.values[:, :, -window + 1 :]
 
 
+def tree_forward(model, kw: str, cache, tokens: torch.Tensor, positions: torch.Tensor,
+                 ancestors: torch.Tensor | None, past: int) -> torch.Tensor:
+    """One request's verification forward on a DynamicCache-like ``cache`` (``kw``: see cache_keyword): logits
+    [n, V] for ``tokens`` at ``positions`` attending to the cache and their ``ancestors`` ([n, n] bool; None: a
+    single token with the model's own causal mask)."""
+    from msn.decoding.trie import tree_mask
+
+    if ancestors is None:
+        out = model(input_ids=tokens[None], use_cache=True, **{kw: cache})
+    else:
+        out = model(input_ids=tokens[None], position_ids=positions[None],
+                    attention_mask=tree_mask(ancestors, past, model.dtype), use_cache=True, **{kw: cache})
+    return out.logits[0]
+
+
 class DynamicKV:
     """The eager verification path: transformers' DynamicCache, grown per step and cut back to the accepted
     path. Any model and any length, no warm-up; the reference the compiled path must match."""
@@ -117,17 +132,9 @@ class DynamicKV:
                 past: int) -> torch.Tensor:
         """Logits [n, V] for n new tokens at ``positions`` attending to the cache and their ``ancestors``
         ([n, n] bool; None: a single token with the model's own causal mask)."""
-        from msn.decoding.trie import tree_mask
-
         if self.packing is not None:
             self.packing.use(tokens.shape[0])
-        if ancestors is None:
-            out = self.model(input_ids=tokens[None], use_cache=True, **{self.kw: self.cache})
-        else:
-            out = self.model(input_ids=tokens[None], position_ids=positions[None],
-                             attention_mask=tree_mask(ancestors, past, self.model.dtype), use_cache=True,
-                             **{self.kw: self.cache})
-        return out.logits[0]
+        return tree_forward(self.model, self.kw, self.cache, tokens, positions, ancestors, past)
 
     def keep(self, past: int, step_len: int, keep: torch.Tensor) -> None:
         """After a step of ``step_len`` tokens written after ``past`` entries, keep those at ``keep``."""

@@ -85,6 +85,11 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+def _failure(e: BaseException) -> Failed:
+    """A request ended by an error that is not the client's: a 500 naming it."""
+    return Failed(f"generation failed: {type(e).__name__}: {e}", 500)
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"the request queue is full; retry in {retry_after}s")
@@ -285,23 +290,14 @@ class Worker:
                         self._join(batch, job, active)
                     if not len(batch):
                         return
-                    try:
-                        left = batch.step()
-                    except Exception as e:  # the shared forward itself failed: every request in it fails
-                        log.exception("a batched step failed")
-                        for member in list(active):
-                            self._fail(active.pop(member)[0], Failed(f"generation failed: {type(e).__name__}: {e}", 500))
-                        return
-                    for member in left:
+                    for member in batch.step():
                         self._leave(member, *active.pop(member))
-        except Exception as e:  # opening the batch failed (e.g. the model cannot batch): fail what was taken
+        except Exception as e:  # outside any one request (the shared forward, installing kernels): all fail
             log.exception("batched decoding failed")
-            for job, *_ in active.values():
-                self._fail(job, Failed(f"generation failed: {type(e).__name__}: {e}", 500))
             with self._cond:
-                taken = list(self._running)
+                taken = list(self._running)  # the active jobs and any taken but not yet joined
             for job in taken:
-                self._fail(job, Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+                self._fail(job, _failure(e))
 
     def _join(self, batch, job: Job, active: dict) -> None:
         text = TextStream(self.decode, job.stops)
@@ -317,7 +313,7 @@ class Worker:
             return
         except Exception as e:
             log.exception("generation failed")
-            self._fail(job, Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+            self._fail(job, _failure(e))
             return
         active[member] = (job, text, streamer, start)
 
@@ -335,7 +331,7 @@ class Worker:
                 self._fail(job, Failed(str(error), 400))
             else:
                 log.error("generation failed", exc_info=error)
-                self._fail(job, Failed(f"generation failed: {type(error).__name__}: {error}", 500))
+                self._fail(job, _failure(error))
             return
         self._finish(job, text, streamer, time.perf_counter() - start)
         with self._cond:
@@ -358,7 +354,7 @@ class Worker:
             return
         except Exception as e:  # one bad request must not end the worker
             log.exception("generation failed")
-            job.emit(Failed(f"generation failed: {type(e).__name__}: {e}", 500))
+            job.emit(_failure(e))
             return
         self._finish(job, text, streamer, time.perf_counter() - start)
 
