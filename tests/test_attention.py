@@ -74,6 +74,30 @@ def test_a_bf16_one_token_step_attends_as_rows_with_the_same_result(past, with_m
     assert (ours.float() - reference).abs().max() <= (theirs.float() - reference).abs().max() + 1e-2
 
 
+@pytest.mark.parametrize("past", [3, 130, 900])
+@pytest.mark.parametrize("n", [2, 5, 12, 40])
+def test_a_bf16_tree_step_attends_as_rows_bit_identical_to_grouped_sdpa(past, n, monkeypatch):
+    """A bf16 tree step (n tokens, a tree mask) takes the rows path too: the g query heads of a key/value head
+    as g x n rows of one head, the mask rows repeated per head. Bit-identical to torch's grouped-head call,
+    which is what it replaces (so a bf16 answer is the one it was)."""
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape) or real(q, *a, **kw))
+    gen = torch.Generator().manual_seed(past + n)
+    q = torch.randn(1, 6, n, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, past + n, 16, generator=gen).bfloat16() for _ in range(2))
+    allowed = torch.ones(n, past + n, dtype=torch.bool)
+    allowed[:, past:] = torch.rand(n, n, generator=gen).tril() > 0.4
+    allowed[:, past:].fill_diagonal_(True)
+    mask = torch.zeros(1, 1, n, past + n, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    ours, _ = attention.gqa_sdpa_forward(Grouped(), q, k, v, mask, scaling=0.25)
+    assert calls == [(1, 2, 3 * n, 16)]
+    theirs = real(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True).transpose(1, 2)
+    assert ours.shape == theirs.shape == (1, n, 6, 16)
+    assert torch.equal(ours, theirs)
+
+
 def test_fp32_and_multi_token_steps_keep_their_paths(monkeypatch):
     calls = []
     monkeypatch.setattr("transformers.integrations.sdpa_attention.sdpa_attention_forward",

@@ -102,3 +102,44 @@ def test_sliding_window_layers_record_their_past():
     assert any(hasattr(layer, "record_past") for layer in sliding) == hasattr(
         __import__("transformers.cache_utils").cache_utils.DynamicSlidingWindowLayer, "activate_past_recording"
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_engine_cache_appends_in_place_and_holds_what_a_plain_cache_holds(family):
+    """DynamicKV's layers grow into spare room (no copy of the whole cache per step, cache.growing): after a
+    prefill, tree steps cut back by keep and one-token steps, every layer holds exactly what transformers' own
+    concatenating cache holds, and the buffer was allocated once."""
+    from msn.decoding.cache import DynamicKV, _kv_pairs
+
+    model = _model(family)
+    prompt = [5, 9, 13, 2, 7, 11]
+    kv, plain = DynamicKV(model), new_cache(model)
+    kv.prefill(torch.tensor([prompt[:-1]]))
+    model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, **{cache_keyword(model): plain})
+    past, buffers = len(prompt) - 1, None
+    for i, (tokens, keep) in enumerate([([13, 20, 30, 40, 21], [0, 1, 2]), ([4], None), ([8, 3, 6], [0, 2])]):
+        tree = step_tree(tokens[0], {"jacobi": draft_from_paths([tuple(tokens[1:])])}) if len(tokens) > 1 else None
+        if tree is None:
+            ids, positions, ancestors = torch.tensor(tokens), torch.tensor([past]), None
+        else:
+            ids, positions, ancestors = (torch.tensor(tree.tokens), torch.tensor(tree.depths) + past,
+                                         tree.ancestors("cpu"))
+        ours = kv.forward(ids, positions, ancestors, past)
+        if tree is None:
+            theirs = model(input_ids=ids[None], use_cache=True, **{cache_keyword(model): plain}).logits[0]
+        else:
+            theirs = tree_forward(model, plain, tree, past)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        n = len(ids)
+        if keep is not None:
+            kv.keep(past, n, torch.tensor(keep))
+            keep_step_entries(plain, n, torch.tensor(keep))
+            n = len(keep)
+        past += n
+        layers = list(_kv_pairs(kv.cache))
+        for mine, ref in zip(layers, _kv_pairs(plain), strict=True):
+            assert torch.equal(mine.keys, ref.keys) and torch.equal(mine.values, ref.values)
+        pointers = [layer.keys.untyped_storage().data_ptr() for layer in layers]
+        if i == 0:
+            buffers = pointers
+        assert pointers == buffers, f"step {i}: the cache was copied into a new buffer"

@@ -8,7 +8,7 @@ takes grouped heads and a mask together (``enable_gqa``): 1.7-3.3x faster per la
 (docs/results.md §17). Installed for one request like the packed weights, and only where it is the same
 computation: an ``sdpa`` model with grouped heads, on a CPU; any call with dropout, a soft cap, sinks or a
 position bias goes to transformers' function unchanged, and so does a multi-token call without a mask. A
-one-token bf16 step takes :func:`one_query_attention` (torch's kernel is slow for one query row).
+bf16 step of one request takes :func:`grouped_rows_attention` (torch's kernel is slow for few query rows).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 NAME = "msn_gqa_sdpa"
 enabled = True  # a process-wide switch, for A/B runs (benchmarks/paired_variants.py: attention.enabled=False)
+tree_rows = True  # A/B switch: False sends bf16 tree steps to torch's grouped-head call (the path before §21 s21)
 _UNSUPPORTED = ("softcap", "sinks", "s_aux", "output_attentions")
 ROWS_DTYPES = (torch.bfloat16, torch.float16)  # one query row is slow there; fp32 is not (§21)
 
@@ -39,8 +40,9 @@ def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torc
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     if query.shape[0] > 1 and query.dtype in ROWS_DTYPES and attention_mask is not None:
         return batched_attention(query, key, value, attention_mask, scaling), None
-    if query.shape[2] == 1 and query.dtype in ROWS_DTYPES and (attention_mask is None or attention_mask.shape[1:3] == (1, 1)):
-        return one_query_attention(query, key, value, attention_mask, scaling), None
+    if query.dtype in ROWS_DTYPES and (query.shape[2] == 1 and (attention_mask is None or attention_mask.shape[1:3] == (1, 1))
+                                       or tree_rows and attention_mask is not None and attention_mask.shape[1] == 1):
+        return grouped_rows_attention(query, key, value, attention_mask, scaling), None
     if attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
@@ -48,19 +50,24 @@ def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.transpose(1, 2).contiguous(), None
 
 
-def one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """A one-token step's attention with each key/value head's query heads as rows of one query block.
+def grouped_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """One request's step attention with each key/value head's query heads as rows of one query block.
 
-    torch's CPU flash kernel is slow for a single bf16 query row (SmolLM2's shape: 0.9 ms per layer at an
-    800-token cache against 0.27 ms for the same work as 3 rows, docs/results.md §21): the g query heads that
-    share a key/value head see the same keys and the same mask row, so they are g rows of one head. Same
-    result as ``enable_gqa`` (bit-identical in the tests); ``query`` [b, h, 1, d] -> [b, 1, h, d]."""
-    b, h, _, d = query.shape
+    torch's CPU flash kernel pays per (query head, block of rows) and is slow for few bf16 query rows
+    (SmolLM2's shape at an 800-token cache: 0.9 ms per layer for one row against 0.27 ms for the same work as
+    3 rows, docs/results.md §21; a 6-token tree at 1200 keys 505 -> 327 µs, §21 session 21). The g query
+    heads that share a key/value head see the same keys and the same mask rows, so they are g x n rows of one
+    head (the mask's n rows repeated per head). Each row is computed as before: the same result as
+    ``enable_gqa`` (bit-identical in the tests). ``query`` [b, h, n, d] -> [b, n, h, d]."""
+    b, h, n, d = query.shape
     kv = key.shape[1]
-    rows = query.reshape(b, kv, h // kv, d)
+    rows = query.reshape(b, kv, (h // kv) * n, d)
+    if attention_mask is not None and n > 1:
+        length = attention_mask.shape[-1]
+        attention_mask = attention_mask.expand(b, h // kv, n, length).reshape(b, 1, (h // kv) * n, length)
     out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, 1, h, value.shape[-1])
+    return out.reshape(b, h, n, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def batched_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,

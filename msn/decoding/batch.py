@@ -32,11 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from msn.decoding import trie as trie_mod
 from msn.decoding.attention import gqa_attention
-from msn.decoding.cache import _kv_pairs, cache_keyword, keep_step_entries, tree_forward
+from msn.decoding.cache import _kv_pairs, cache_keyword, growing, keep_step_entries, tree_forward
 from msn.decoding.engine import DecoderState, GenerateOutput, StepInputs, _Decoder, decoder_state
 from msn.decoding.packed import packing, resolve_pack
 from msn.decoding.request import parse_request
@@ -94,39 +93,6 @@ def _set(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
 
 
 SCALE_ALPHA = 0.1  # moving average of a batched forward's observed / predicted time
-SPARE = 64  # cache entries a row can grow into before its buffer is copied into a larger one
-
-
-class _GrowingLayer(DynamicLayer):
-    """A DynamicLayer that appends into spare capacity instead of concatenating: transformers' layer copies the
-    whole cache every step (``torch.cat``), which for B rows of the longest row's length was a third of a batched
-    step (SmolLM2, 8 requests). ``keys``/``values`` stay views of the buffer; a cache replaced from outside (a
-    row joining or leaving) is copied into a fresh buffer at the next update. The spare room stays small: the
-    batched attention reads the whole buffer (:func:`msn.decoding.attention.batched_attention`)."""
-
-    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-            self._buffers = None
-            return super().update(key_states, value_states, *args, **kwargs)
-        length, n = self.keys.shape[-2], key_states.shape[-2]
-        buffers = self._buffers
-        if (buffers is None or buffers[0].shape[:2] != self.keys.shape[:2] or buffers[0].shape[-2] < length + n
-                or buffers[0].data_ptr() != self.keys.data_ptr() or buffers[1].data_ptr() != self.values.data_ptr()):
-            room = length + n + SPARE
-            buffers = tuple(t.new_zeros(*t.shape[:2], room, t.shape[-1]) for t in (self.keys, self.values))
-            buffers[0][:, :, :length], buffers[1][:, :, :length] = self.keys, self.values
-            self._buffers = buffers
-        buffers[0][:, :, length : length + n], buffers[1][:, :, length : length + n] = key_states, value_states
-        self.keys, self.values = buffers[0][:, :, : length + n], buffers[1][:, :, : length + n]
-        return self.keys, self.values
-
-
-def _growing(cache) -> None:
-    for layer in getattr(cache, "layers", []):
-        if type(layer) is DynamicLayer:
-            layer.__class__ = _GrowingLayer
 
 
 def _resized(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -156,7 +122,7 @@ class BatchKV:
         """A prefilled request's own cache ([1, ...], ``length`` entries) becomes the last row."""
         if self.cache is None:
             self.cache, self.lengths = cache, [length]
-            _growing(cache)
+            growing(cache)
             return
         width = max(self.width, length)
         for mine, theirs in zip(_kv_pairs(self.cache), _kv_pairs(cache), strict=True):

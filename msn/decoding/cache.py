@@ -11,6 +11,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def new_cache(model) -> DynamicCache:
@@ -22,6 +23,46 @@ def new_cache(model) -> DynamicCache:
         if hasattr(layer, "activate_past_recording"):
             layer.activate_past_recording()  # sliding layers must not forget entries we may still keep
     return cache
+
+
+SPARE = 64  # cache entries a layer can grow into before its buffer is copied into a larger one
+grow_in_place = True  # A/B switch (benchmarks/paired_variants.py: cache.grow_in_place=False): one request's
+# cache concatenates per step as transformers' own does
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare capacity instead of concatenating: transformers' layer copies the
+    whole cache every step (``torch.cat``): for B rows of the longest row's length that was a third of a batched
+    step (SmolLM2, 8 requests); for one request at a long prompt it is a copy of every layer's cache per step.
+    ``keys``/``values`` stay views of the buffer (a step's cut, :func:`keep_step_entries`, is a shorter view of
+    it); a cache replaced from outside (a batch row joining or leaving) is copied into a fresh buffer at the next
+    update. The spare room stays small: the batched attention reads the whole buffer
+    (:func:`msn.decoding.attention.batched_attention`)."""
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            self._buffers = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, n = self.keys.shape[-2], key_states.shape[-2]
+        buffers = self._buffers
+        if (buffers is None or buffers[0].shape[:2] != self.keys.shape[:2] or buffers[0].shape[-2] < length + n
+                or buffers[0].data_ptr() != self.keys.data_ptr() or buffers[1].data_ptr() != self.values.data_ptr()):
+            room = length + n + SPARE
+            buffers = tuple(t.new_zeros(*t.shape[:2], room, t.shape[-1]) for t in (self.keys, self.values))
+            buffers[0][:, :, :length], buffers[1][:, :, :length] = self.keys, self.values
+            self._buffers = buffers
+        buffers[0][:, :, length : length + n], buffers[1][:, :, length : length + n] = key_states, value_states
+        self.keys, self.values = buffers[0][:, :, : length + n], buffers[1][:, :, : length + n]
+        return self.keys, self.values
+
+
+def growing(cache) -> None:
+    """The cache's plain layers append into spare room from now on (sliding-window layers are left as they are)."""
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _GrowingLayer
 
 
 def cache_keyword(model) -> str:
@@ -116,6 +157,8 @@ class DynamicKV:
 
     def __init__(self, model, packing=None):
         self.model, self.kw, self.cache = model, cache_keyword(model), new_cache(model)
+        if grow_in_place:
+            growing(self.cache)
         self.packing = packing  # msn.decoding.packed.Packing while the request runs with packed weights
 
     @property
