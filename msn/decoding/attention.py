@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 NAME = "msn_gqa_sdpa"
 enabled = True  # a process-wide switch, for A/B runs (benchmarks/paired_variants.py: attention.enabled=False)
-tree_rows = True  # A/B switch: False sends bf16 tree steps to torch's grouped-head call (the path before §21 s21)
+tree_rows = True  # A/B switch: False sends bf16 tree steps to torch's grouped-head call (the path before §23)
 _UNSUPPORTED = ("softcap", "sinks", "s_aux", "output_attentions")
 ROWS_DTYPES = (torch.bfloat16, torch.float16)  # one query row is slow there; fp32 is not (§21)
 
@@ -56,7 +56,7 @@ def grouped_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
     torch's CPU flash kernel pays per (query head, block of rows) and is slow for few bf16 query rows
     (SmolLM2's shape at an 800-token cache: 0.9 ms per layer for one row against 0.27 ms for the same work as
-    3 rows, docs/results.md §21; a 6-token tree at 1200 keys 505 -> 327 µs, §21 session 21). The g query
+    3 rows, docs/results.md §21; a 6-token tree at 1200 keys 505 -> 327 µs, §23). The g query
     heads that share a key/value head see the same keys and the same mask rows, so they are g x n rows of one
     head (the mask's n rows repeated per head). Each row is computed as before: the same result as
     ``enable_gqa`` (bit-identical in the tests). ``query`` [b, h, n, d] -> [b, n, h, d]."""
