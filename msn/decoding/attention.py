@@ -40,8 +40,9 @@ def gqa_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torc
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     if query.shape[0] > 1 and query.dtype in ROWS_DTYPES and attention_mask is not None:
         return batched_attention(query, key, value, attention_mask, scaling), None
-    if query.dtype in ROWS_DTYPES and (query.shape[2] == 1 and (attention_mask is None or attention_mask.shape[1:3] == (1, 1))
-                                       or tree_rows and attention_mask is not None and attention_mask.shape[1] == 1):
+    one_token = query.shape[2] == 1
+    if query.dtype in ROWS_DTYPES and (attention_mask is None and one_token or attention_mask is not None
+                                       and attention_mask.shape[1] == 1 and (one_token or tree_rows)):
         return grouped_rows_attention(query, key, value, attention_mask, scaling), None
     if attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -115,8 +115,9 @@ def cache_key(model, compiled: bool = False, packed: bool = False) -> str:
     raw = json.dumps(ident, sort_keys=True, default=str)
     arch = config.get("model_type") or "model"
     kind = "-compiled" if compiled else "-packed" if packed else ""
-    kind += "-gqa" if not compiled and attention.applies(model) else ""
-    kind += "-rows" if kind.endswith("-gqa") and attention.tree_rows and model.dtype in attention.ROWS_DTYPES else ""
+    gqa = not compiled and attention.applies(model)
+    kind += "-gqa" if gqa else ""
+    kind += "-rows" if gqa and attention.tree_rows and model.dtype in attention.ROWS_DTYPES else ""
     kind += f"-{quant}" if quant != "none" else ""
     return (f"{arch}-{str(model.dtype).removeprefix('torch.')}-{where.replace(' ', '_')}{kind}-"
             f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}")

@@ -154,8 +154,8 @@ class Worker:
             raise MsnError(f"queue size must be >= 1, got {queue_size}")
         self.model, self.tokenizer, self.eos = model, tokenizer, list(eos)
         self.queue_size, self.max_batch = queue_size, check_max_batch(max_batch)
-        # Through msn.decoding.batch (a batch of one is msn.generate's forward; the t(n) curve is measured again
-        # only between requests); None: when max_batch > 1. False: msn.generate, one at a time.
+        # Through msn.decoding.batch (a batch of one is msn.generate's forward; the t(n) curve is never measured
+        # again while serving); None: when max_batch > 1. False: msn.generate, one at a time.
         self.batched = max_batch > 1 if batched is None else batched
         self.tokenizer_lock = threading.Lock()  # the app encodes prompts while this thread decodes
         self._waiting: collections.deque[Job] = collections.deque()
