@@ -42,6 +42,25 @@ def test_interpolation_and_extrapolation():
                              "source": "measured", "past": costs.PAST, "slope_sizes": [0], "slopes": [0.0]}
 
 
+def test_the_whole_curve_at_once_equals_each_size_predicted_on_its_own():
+    lat = Latency({n: 0.02 + 0.0005 * n + 0.002 * (n % 3) for n in GRID}, slopes={0: 1e-6, 16: 4e-6, 64: 2e-5})
+    lat.overhead = 0.0013
+    for past in (0, 40, costs.PAST, 700, 3000):
+        for upto in (0, 1, 5, 33, GRID[-1], GRID[-1] + 6):  # past the grid: extrapolated as predict() does
+            want = [lat.predict(n, past) + lat.overhead for n in range(upto + 1)]
+            assert lat.curve(upto, past) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_sources_propose_what_a_forward_of_at_most_twice_a_plain_step_verifies(monkeypatch):
+    lat = Latency({0: 0.010, 4: 0.012, 16: 0.020, 32: 0.030, 64: 0.050})
+    assert lat.proposal_cap() == 16, "t(16) = 2 t(0)"
+    lat.overhead = 0.010
+    assert lat.proposal_cap() == 32, "the step's own work is paid by every size: t(n) + 10 <= 2 (t(0) + 10)"
+    assert Latency({0: 0.01, 64: 0.011}).proposal_cap() == 64, "a flat curve (a GPU): the whole grid"
+    monkeypatch.setattr(costs, "PROPOSE_UP_TO", None)
+    assert lat.proposal_cap() is None
+
+
 def test_measured_points_are_made_non_decreasing():
     assert monotone([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
     assert monotone([5.0, 1.0, 0.0]) == [2.0, 2.0, 2.0]

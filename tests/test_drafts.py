@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msn
+from msn.decoding.costs import Latency
 from msn.decoding.engine import DecoderState, decoder_state
 from msn.decoding.sources import (
     Budget,
@@ -279,6 +280,9 @@ def test_auto_mode_uses_the_official_table():
     draft = src.propose(torch.tensor([1]), Budget(max_depth=100))
     assert len(draft) == 63  # the whole mc_sim_7b_63 template
     assert {t[1] for t in draft.tags} == set(src.auto_shape)
+    capped = src.propose(torch.tensor([1]), Budget(max_depth=100, max_nodes=7))
+    assert [t[1] for t in capped.tags] == list(src.auto_shape[:7]), "the official tree's likeliest paths first"
+    assert len(src.propose(torch.tensor([1]), Budget(max_depth=100, max_nodes=0))) == 0
     src.configure(((0,), (0, 0)))
     assert (src.depth, src.top_k) == (2, 1)
 
@@ -413,6 +417,11 @@ def test_propose_respects_max_nodes_and_depth():
     assert draft_paths(src.propose(torch.tensor([1]), Budget(max_depth=1))) == [(2,), (3,)]
     assert len(src.propose(torch.tensor([1]), Budget(max_depth=10, shape=2))) == 2
     assert len(src.propose(torch.tensor([5]), Budget(max_depth=10))) == 0, "nothing recorded for 5"
+    # the engine's cap on what is worth proposing: the likeliest first, 0 is none, a static shape ignores it
+    assert draft_paths(src.propose(torch.tensor([1]), Budget(max_depth=10, max_nodes=3))) == [(2,), (2, 1), (2, 1, 2)]
+    assert len(src.propose(torch.tensor([1]), Budget(max_depth=10, max_nodes=0))) == 0
+    assert len(src.propose(torch.tensor([1]), Budget(max_depth=10, max_nodes=50))) == 5, "its own max_nodes"
+    assert len(src.propose(torch.tensor([1]), Budget(max_depth=10, shape=2, max_nodes=1))) == 2
 
 
 def test_recycling_table_lives_across_requests():
@@ -485,6 +494,31 @@ def test_engine_feeds_jacobi_the_rejected_positions_of_the_best_path(monkeypatch
         assert torch.equal(table[:fresh, 0], logits[step.rejected].argmax(-1))
         assert set(table[fresh:].flatten().tolist()) <= set(step.committed.tolist())
     assert any(step.rejected for step, _ in steps_seen), "precondition: some steps have rejected nodes"
+
+
+def test_engine_caps_what_sources_propose_by_the_curve(monkeypatch):
+    """Auto tree: each step's budget carries the curve's proposal cap at that step's past, and a steep curve
+    makes the recycling and Jacobi fragments that small; the text stays greedy's."""
+    model = tiny_model("llama", seed=1)
+    state = DecoderState()
+    steep = Latency({0: 0.010, 3: 0.020, 64: 0.200})  # twice a plain step at 3 nodes
+    state.latencies["packed"] = state.latencies["eager"] = steep
+    seen = []
+    for cls in (RecyclingSource, JacobiSource):
+        original = cls.propose
+
+        def spy(self, committed, budget, original=original):
+            draft = original(self, committed, budget)
+            seen.append((budget.max_nodes, steep.proposal_cap(len(committed) - 1), len(draft)))
+            return draft
+
+        monkeypatch.setattr(cls, "propose", spy)
+    ids = torch.tensor([[5, 9, 14, 5, 9, 14, 2, 7]])
+    out = msn.generate(model, ids, max_new_tokens=16, eos_token_id=[], state=state)
+    assert seen and all(cap == want and size <= cap for cap, want, size in seen)
+    assert min(cap for cap, _, _ in seen) <= 4, "the cap binds (the sources' own limits are 48 and 63)"
+    ref = msn.generate(model, ids, max_new_tokens=16, method="ar", eos_token_id=[])
+    assert torch.equal(out.sequences, ref.sequences)
 
 
 def test_engine_top_probs_are_renormalised_over_k(monkeypatch):

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msn.decoding import trie as trie_mod
+from msn.decoding import verify
 from msn.decoding.cache import cache_keyword, new_cache
 from msn.decoding.sources import Draft
 from msn.decoding.trie import tree_mask as _tree_mask
-from msn.decoding.verify import argmax_rows, greedy_accept
+from msn.decoding.verify import argmax_rows, greedy_accept, top_k_rows
 
 # ---------------------------------------------------------------------------------------------------------
 # greedy_accept, synthetic
@@ -104,6 +105,37 @@ def test_argmax_rows_equals_argmax(data):
     same = vals.gather(1, perm) == vals
     ids2 = torch.where(same, ids.gather(1, perm), ids)
     assert argmax_rows(logits, vals, ids2) == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_blockwise_top_k_and_argmax_equal_torch_on_a_wide_vocabulary(data):
+    """The block path (taken from 16 x k blocks wide) returns topk's values exactly and argmax's first index,
+    with ties everywhere (few distinct values), across blocks and in the tail that fills no block."""
+    rows, k = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 10))
+    vocab = data.draw(st.sampled_from([16 * 10 * verify.BLOCK, 16 * 10 * verify.BLOCK + 77, 49_152, 50_001]))
+    seed, spread = data.draw(st.integers(0, 10_000)), data.draw(st.sampled_from([2, 5, 1000]))
+    logits = torch.randint(-spread, spread, (rows, vocab), generator=torch.Generator().manual_seed(seed)).float()
+    if data.draw(st.booleans()):  # the row maximum also (or only) in the tail
+        logits[:, -1] = logits.max() + data.draw(st.sampled_from([0.0, 1.0]))
+    assert verify._blocked(logits, k), "the block path is the one under test"
+    vals, ids = top_k_rows(logits, k)
+    ref_vals, _ = logits.topk(k, dim=-1)
+    assert torch.equal(vals, ref_vals)
+    assert torch.equal(logits.gather(1, ids), vals), "ids point at their values"
+    assert all(len(set(row)) == k for row in ids.tolist()), "k distinct columns"
+    assert argmax_rows(logits) == logits.argmax(-1).tolist()
+    assert argmax_rows(logits, vals, ids) == logits.argmax(-1).tolist()
+
+
+def test_top_k_rows_is_torchs_own_below_the_block_width_or_switched_off(monkeypatch):
+    logits = torch.randn(3, 1000)
+    assert not verify._blocked(logits, 4)
+    assert all(torch.equal(a, b) for a, b in zip(top_k_rows(logits, 4), logits.topk(4, dim=-1), strict=True))
+    wide = torch.randn(2, 49_152)
+    monkeypatch.setattr(verify, "block_rows", False)
+    assert not verify._blocked(wide, 4)
+    assert all(torch.equal(a, b) for a, b in zip(top_k_rows(wide, 4), wide.topk(4, dim=-1), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from msn.decoding.request import context_limit
@@ -38,6 +39,10 @@ DRIFT_ALPHA = 0.02  # weight of one step in the drift estimate: ~50 steps, longe
 DRIFT_LIMIT = 1.3  # step times this far off the measured curve, sustained: it was measured under other load
 DRIFT_MIN_STEPS = 64  # steps observed before a curve can be judged stale
 MAX_GENERATIONS = 3  # re-measurements per curve and process: a machine that never settles is not chased
+# Sources propose at most the nodes a forward costing this many one-token forwards verifies (None: no cap). A
+# tree that costs twice a plain step pays only if more than one more token is accepted per step; on a CPU
+# (bf16: ~24 nodes, fp32: ~8) the chosen trees stay well inside, on a GPU the cap is the whole grid.
+PROPOSE_UP_TO = 2.0
 logger = logging.getLogger("msn")
 
 
@@ -201,7 +206,19 @@ class Latency:
     def curve(self, upto: int, past: int = PAST) -> list[float]:
         """A step's seconds for n = 0..upto tree nodes at this past, the step's own work included: what the
         tree is sized with."""
-        return [self.predict(n, past) + self.overhead for n in range(upto + 1)]
+        if len(self.sizes) == 1 or upto > self.sizes[-1]:  # extrapolating: the scalar path's own rule
+            return [self.predict(n, past) + self.overhead for n in range(upto + 1)]
+        n = np.arange(upto + 1)  # predict() for every n at once: this runs every step, over up to 64 sizes
+        base = np.maximum(np.interp(n, self.sizes, self.seconds), 1e-9)
+        slope = np.interp(n, self.slope_sizes, self.slopes)  # np.interp holds the end values, as slope() does
+        return (np.maximum(base + slope * (past - PAST), 0.5 * base) + self.overhead).tolist()
+
+    def proposal_cap(self, past: int = PAST) -> int | None:
+        """The most nodes worth proposing at this past: the largest n with t(n) <= PROPOSE_UP_TO x t(0)."""
+        if PROPOSE_UP_TO is None:
+            return None
+        t = self.curve(self.max_nodes, past)  # the step's own work is in every entry: it only loosens the cap
+        return max(n for n in range(len(t)) if t[n] <= PROPOSE_UP_TO * t[0])
 
     def observe(self, n: int, seconds: float, past: int = PAST, step_seconds: float | None = None) -> None:
         """Move the grid points around n toward an observed forward time (outliers clipped), keep the curve

@@ -26,7 +26,7 @@ from msn.decoding.sampling import CoupledSampler, coupled_accept
 from msn.decoding.sources import SOURCES, Budget, Draft, DraftSource, PromptLogits, VerifiedStep
 from msn.decoding.static_kv import make_kv, resolve_compile
 from msn.decoding.tree import METHODS, AutoTree, Tree, TreeTemplate
-from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept
+from msn.decoding.verify import Acceptance, argmax_rows, greedy_accept, top_k_rows
 from msn.errors import MsnError
 
 __all__ = ["METHODS", "GenerateOutput", "generate"]
@@ -257,8 +257,9 @@ class _Decoder:
         root = int(self.committed[self.length - 1])
         drafts: dict[str, Draft] = {}
         history = self.committed[: self.length]
+        cap = self.latency.proposal_cap(self.length - 1) if self.latency is not None else None
         for name, src in self.sources.items():
-            drafts[name] = src.propose(history, Budget(max_depth=remaining - 1, shape=self.shapes[name]))
+            drafts[name] = src.propose(history, Budget(max_depth=remaining - 1, shape=self.shapes[name], max_nodes=cap))
         if "retrieval" in self.sources:
             self.chain_lengths.append(self.sources["retrieval"].last_chain)
         return trie_mod.merge(root, drafts, self.state.calibrator.estimate)
@@ -300,7 +301,7 @@ class _Decoder:
         """One top-k per step, shared by acceptance and the sources."""
         if not self.top_k:
             return None, None
-        return logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        return top_k_rows(logits, min(self.top_k, logits.shape[-1]))
 
     def accept(self, tree, logits, top_vals, top_ids) -> Acceptance:
         """Greedy: the argmax path. Sampling: the path of coupled samples (drafts only ever propose)."""

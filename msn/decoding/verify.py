@@ -20,16 +20,71 @@ class Acceptance:
     bonus: int  # the model's own next token after the last accepted node
 
 
+BLOCK = 256  # columns per block of the block-wise top-k and argmax below
+block_rows = True  # switch (A/B): False = torch's own topk / argmax over the whole row
+
+
+def _blocked(logits: torch.Tensor, k: int) -> bool:
+    """Worth going through blocks: a CPU (torch's CUDA top-k is fast already) and a vocabulary many blocks wide."""
+    return block_rows and logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[-1] >= 16 * k * BLOCK
+
+
+def _best_blocks(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k blocks with the highest maxima, as candidate values [n, k * BLOCK (+ tail)] and their columns."""
+    n, vocab = logits.shape
+    blocks = vocab // BLOCK
+    body = logits[:, : blocks * BLOCK].view(n, blocks, BLOCK)
+    best = body.amax(-1).topk(k, dim=-1).indices.sort(-1).values  # block order kept: earlier columns first
+    cand = body.gather(1, best[:, :, None].expand(n, k, BLOCK)).view(n, k * BLOCK)
+    cols = (best[:, :, None] * BLOCK + torch.arange(BLOCK, device=logits.device)).view(n, k * BLOCK)
+    if blocks * BLOCK < vocab:  # the tail that fills no block is always a candidate
+        tail = torch.arange(blocks * BLOCK, vocab, device=logits.device).expand(n, -1)
+        cand, cols = torch.cat([cand, logits[:, blocks * BLOCK :]], 1), torch.cat([cols, tail], 1)
+    return cand, cols
+
+
+def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits.topk(k, dim=-1)``'s values exactly, 3-4x faster on a CPU for a wide vocabulary: torch's CPU topk
+    and argmax read ~4 GB/s (60 µs per 49k-wide row), its max over blocks is vectorised. Any value among a row's
+    k best lies in a block whose maximum is among the k best block maxima (fewer than k values exceed the k-th),
+    so the top-k of those k blocks is the row's. Among equal values the ids may differ from torch's (its order
+    there is unspecified too); :func:`argmax_rows` settles a tie at the top exactly."""
+    if not _blocked(logits, k):
+        return logits.topk(k, dim=-1)
+    cand, cols = _best_blocks(logits, k)
+    vals, at = cand.topk(k, dim=-1)
+    return vals, cols.gather(1, at)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` exactly (the first index of the maximum), through the block maxima where faster:
+    the first block whose maximum is the row's holds the row's first maximum."""
+    if not _blocked(logits, 1):
+        return logits.argmax(-1)
+    n, vocab = logits.shape
+    blocks = vocab // BLOCK
+    body = logits[:, : blocks * BLOCK].view(n, blocks, BLOCK)
+    first = body.amax(-1).argmax(-1)  # argmax: the first block on ties
+    inside = body[torch.arange(n, device=logits.device), first].argmax(-1)
+    best = first * BLOCK + inside
+    if blocks * BLOCK < vocab:  # a tail that fills no block wins only when strictly greater
+        tail = logits[:, blocks * BLOCK :]
+        tail_best = tail.argmax(-1)
+        later = tail.gather(1, tail_best[:, None])[:, 0] > logits.gather(1, best[:, None])[:, 0]
+        best = torch.where(later, tail_best + blocks * BLOCK, best)
+    return best
+
+
 def argmax_rows(logits: torch.Tensor, top_vals: torch.Tensor | None = None,
                 top_ids: torch.Tensor | None = None) -> list[int]:
     """Argmax per row, exactly as ``logits.argmax(-1)`` (first index on ties). With a top-k already
     computed we reuse it and fall back to argmax only on rows whose best two values tie."""
     if top_ids is None or top_ids.shape[-1] < 2:
-        return logits.argmax(-1).tolist()
+        return _argmax(logits).tolist()
     pred = top_ids[:, 0].clone()
     ties = (top_vals[:, 0] == top_vals[:, 1]).nonzero().flatten()
     if ties.numel():
-        pred[ties] = logits[ties].argmax(-1)
+        pred[ties] = _argmax(logits[ties])
     return pred.tolist()
 
 

@@ -58,6 +58,9 @@ class Budget:
 
     max_depth: int  # tokens left in the request minus the bonus token
     shape: Any = None
+    # Auto mode: the most nodes worth proposing (None: the source's own limit). Every proposed node is merged,
+    # ranked and calibrated each step, and on a CPU the tree never takes more than a few dozen.
+    max_nodes: int | None = None
 
 
 @dataclass

@@ -51,7 +51,8 @@ class JacobiSource(DraftSource):
         self.probs = torch.zeros(self.depth, self.top_k)
 
     def propose(self, committed: torch.Tensor, budget: Budget) -> Draft:
-        shape = budget.shape if budget.shape is not None else self.auto_shape
+        # Auto: the official tree's paths, likeliest first, as many as the step is worth proposing.
+        shape = budget.shape if budget.shape is not None else self.auto_shape[: budget.max_nodes]
         draft = Draft()
         table, probs = self.table.tolist(), self.probs.tolist()
         index: dict[tuple[int, ...], int] = {}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from msn.decoding.sources.base import Budget, Draft, DraftSource, VerifiedStep
+from msn.decoding.verify import top_k_rows
 
 K = 8  # successors kept per token id (the paper's k)
 MAX_NODES, MAX_DEPTH = 48, 6  # what it proposes in auto mode; the engine picks the nodes worth verifying
@@ -60,7 +61,7 @@ class RecyclingSource(DraftSource):
         if prefill_logits is not None and prefill_logits.logits.shape[0]:
             logits = prefill_logits.logits
             self._ensure(logits.shape[-1])
-            vals, ids = logits.topk(min(self.k, logits.shape[-1]), dim=-1)
+            vals, ids = top_k_rows(logits, min(self.k, logits.shape[-1]))
             self._record(prompt[prefill_logits.rows], ids, vals.softmax(-1))
 
     def propose(self, committed: torch.Tensor, budget: Budget) -> Draft:
@@ -68,6 +69,8 @@ class RecyclingSource(DraftSource):
         if self.next_ids is None:
             return draft
         limit = budget.shape if budget.shape is not None else self.max_nodes
+        if budget.shape is None and budget.max_nodes is not None:
+            limit = min(limit, budget.max_nodes)
         max_depth = min(self.max_depth, budget.max_depth)
         root = int(committed[-1])
         if limit <= 0 or max_depth <= 0 or root >= self.next_ids.shape[0]:
