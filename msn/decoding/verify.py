@@ -33,7 +33,7 @@ def _best_blocks(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """The k blocks with the highest maxima, as candidate values [n, k * BLOCK (+ tail)] and their columns."""
     n, vocab = logits.shape
     blocks = vocab // BLOCK
-    body = logits[:, : blocks * BLOCK].view(n, blocks, BLOCK)
+    body = logits[:, : blocks * BLOCK].reshape(n, blocks, BLOCK)  # a view for a row-contiguous tensor
     best = body.amax(-1).topk(k, dim=-1).indices.sort(-1).values  # block order kept: earlier columns first
     cand = body.gather(1, best[:, :, None].expand(n, k, BLOCK)).view(n, k * BLOCK)
     cols = (best[:, :, None] * BLOCK + torch.arange(BLOCK, device=logits.device)).view(n, k * BLOCK)
@@ -63,7 +63,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
     n, vocab = logits.shape
     blocks = vocab // BLOCK
-    body = logits[:, : blocks * BLOCK].view(n, blocks, BLOCK)
+    body = logits[:, : blocks * BLOCK].reshape(n, blocks, BLOCK)  # a view for a row-contiguous tensor
     first = body.amax(-1).argmax(-1)  # argmax: the first block on ties
     inside = body[torch.arange(n, device=logits.device), first].argmax(-1)
     best = first * BLOCK + inside
