@@ -153,8 +153,12 @@ class Latency:
     def __init__(self, seconds: dict[int, float], source: str = "measured", path: Path | None = None,
                  generation: int = 0, slopes: dict[int, float] | None = None):
         self.sizes = sorted(seconds)
-        self.seconds = monotone([float(seconds[n]) for n in self.sizes])
-        self.measured = list(self.seconds)  # the refinement moves ``seconds``; drift is judged against this
+        # As measured, dips included: drift is judged against these. A dip can be real (fp32: a one-token step runs
+        # unpacked, 57 ms, a 2-token tree packed, 65 ms, 3-5 tokens 49 ms; §24), and judged against the pooled
+        # curve every one-token step looked 7-17% slow until the curve was called stale.
+        self.raw = [float(seconds[n]) for n in self.sizes]
+        self.seconds = monotone(self.raw)  # what the tree is sized with: a noisy dip would draw every tree to it
+        self.measured = list(self.seconds)  # the refinement moves ``seconds``; this is the curve as it was measured
         slopes = slopes or {0: 0.0}  # none measured: no past term
         self.slope_sizes = sorted(slopes)
         self.slopes = [max(float(slopes[n]), 0.0) for n in self.slope_sizes]  # seconds per past token
@@ -226,7 +230,7 @@ class Latency:
         given the whole step's time, the work around the forward."""
         was_stale = self.stale
         self.steps += 1
-        self.drift *= 1.0 + DRIFT_ALPHA * (_clip(seconds / self._at(self.measured, n, past)) - 1.0)
+        self.drift *= 1.0 + DRIFT_ALPHA * (_clip(seconds / self._at(self.raw, n, past)) - 1.0)
         if step_seconds is not None:
             self.overhead += ALPHA * (max(step_seconds - seconds, 0.0) - self.overhead)
         if self.stale and not was_stale:
@@ -246,13 +250,15 @@ class Latency:
         return self.steps >= DRIFT_MIN_STEPS and not 1.0 / DRIFT_LIMIT <= self.drift <= DRIFT_LIMIT
 
     def to_dict(self) -> dict:
-        return {"version": VERSION, "sizes": self.sizes, "seconds": self.seconds, "source": self.source,
-                "past": PAST, "slope_sizes": self.slope_sizes, "slopes": self.slopes}
+        return {"version": VERSION, "sizes": self.sizes, "seconds": self.seconds, "raw": self.raw,
+                "source": self.source, "past": PAST, "slope_sizes": self.slope_sizes, "slopes": self.slopes}
 
     @classmethod
     def from_dict(cls, data: dict, **kw) -> Latency:
+        """``raw`` (the points before pooling) where the file has them; a file written before them pools as before."""
         slopes = dict(zip(data["slope_sizes"], data["slopes"], strict=True))
-        return cls(dict(zip(data["sizes"], data["seconds"], strict=True)), slopes=slopes, **kw)
+        points = data.get("raw") or data["seconds"]
+        return cls(dict(zip(data["sizes"], points, strict=True)), slopes=slopes, **kw)
 
 
 def _clip(ratio: float) -> float:
