@@ -133,6 +133,9 @@ def test_top_k_rows_is_torchs_own_below_the_block_width_or_switched_off(monkeypa
     assert not verify._blocked(logits, 4)
     assert all(torch.equal(a, b) for a, b in zip(top_k_rows(logits, 4), logits.topk(4, dim=-1), strict=True))
     wide = torch.randn(2, 49_152)
+    nan = torch.randn(3, 50_001)
+    nan[0, 7], nan[1, -1], nan[2, 300], nan[2, -2] = float("nan"), float("nan"), float("nan"), float("nan")
+    assert argmax_rows(nan) == nan.argmax(-1).tolist(), "NaN counts as the largest, as in torch's argmax"
     column_major = wide.t().contiguous().t()  # not a view of blocks: reshaped by a copy, same answer
     assert torch.equal(top_k_rows(column_major, 4)[0], wide.topk(4, dim=-1).values)
     assert argmax_rows(column_major) == wide.argmax(-1).tolist()

@@ -67,10 +67,11 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     first = body.amax(-1).argmax(-1)  # argmax: the first block on ties
     inside = body[torch.arange(n, device=logits.device), first].argmax(-1)
     best = first * BLOCK + inside
-    if blocks * BLOCK < vocab:  # a tail that fills no block wins only when strictly greater
+    if blocks * BLOCK < vocab:  # a tail that fills no block wins only when strictly greater (argmax: NaN is largest)
         tail = logits[:, blocks * BLOCK :]
         tail_best = tail.argmax(-1)
-        later = tail.gather(1, tail_best[:, None])[:, 0] > logits.gather(1, best[:, None])[:, 0]
+        t, b = tail.gather(1, tail_best[:, None])[:, 0], logits.gather(1, best[:, None])[:, 0]
+        later = (t > b) | (t.isnan() & ~b.isnan())
         best = torch.where(later, tail_best + blocks * BLOCK, best)
     return best
 
