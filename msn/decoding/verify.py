@@ -29,17 +29,23 @@ def _blocked(logits: torch.Tensor, k: int) -> bool:
     return block_rows and logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[-1] >= 16 * k * BLOCK
 
 
+def _as_blocks(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[n, blocks, BLOCK] over the columns that fill whole blocks (a view for a row-contiguous tensor), and where
+    the tail that fills none starts."""
+    n, vocab = logits.shape
+    end = vocab // BLOCK * BLOCK
+    return logits[:, :end].reshape(n, end // BLOCK, BLOCK), end
+
+
 def _best_blocks(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k blocks with the highest maxima, as candidate values [n, k * BLOCK (+ tail)] and their columns."""
-    n, vocab = logits.shape
-    blocks = vocab // BLOCK
-    body = logits[:, : blocks * BLOCK].reshape(n, blocks, BLOCK)  # a view for a row-contiguous tensor
+    (n, vocab), (body, end) = logits.shape, _as_blocks(logits)
     best = body.amax(-1).topk(k, dim=-1).indices.sort(-1).values  # block order kept: earlier columns first
     cand = body.gather(1, best[:, :, None].expand(n, k, BLOCK)).view(n, k * BLOCK)
     cols = (best[:, :, None] * BLOCK + torch.arange(BLOCK, device=logits.device)).view(n, k * BLOCK)
-    if blocks * BLOCK < vocab:  # the tail that fills no block is always a candidate
-        tail = torch.arange(blocks * BLOCK, vocab, device=logits.device).expand(n, -1)
-        cand, cols = torch.cat([cand, logits[:, blocks * BLOCK :]], 1), torch.cat([cols, tail], 1)
+    if end < vocab:  # the tail that fills no block is always a candidate
+        tail = torch.arange(end, vocab, device=logits.device).expand(n, -1)
+        cand, cols = torch.cat([cand, logits[:, end:]], 1), torch.cat([cols, tail], 1)
     return cand, cols
 
 
@@ -61,18 +67,16 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     the first block whose maximum is the row's holds the row's first maximum."""
     if not _blocked(logits, 1):
         return logits.argmax(-1)
-    n, vocab = logits.shape
-    blocks = vocab // BLOCK
-    body = logits[:, : blocks * BLOCK].reshape(n, blocks, BLOCK)  # a view for a row-contiguous tensor
+    body, end = _as_blocks(logits)
     first = body.amax(-1).argmax(-1)  # argmax: the first block on ties
-    inside = body[torch.arange(n, device=logits.device), first].argmax(-1)
+    inside = body[torch.arange(body.shape[0], device=logits.device), first].argmax(-1)
     best = first * BLOCK + inside
-    if blocks * BLOCK < vocab:  # a tail that fills no block wins only when strictly greater (argmax: NaN is largest)
-        tail = logits[:, blocks * BLOCK :]
+    if end < logits.shape[-1]:  # a tail that fills no block wins only when strictly greater (argmax: NaN is largest)
+        tail = logits[:, end:]
         tail_best = tail.argmax(-1)
         t, b = tail.gather(1, tail_best[:, None])[:, 0], logits.gather(1, best[:, None])[:, 0]
         later = (t > b) | (t.isnan() & ~b.isnan())
-        best = torch.where(later, tail_best + blocks * BLOCK, best)
+        best = torch.where(later, tail_best + end, best)
     return best
 
 
