@@ -134,6 +134,19 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": (first or end) - start, "seconds": end - start, "tokens": tokens, "text": "".join(text)}
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process, all its threads: this one, or ``pid`` (Linux's /proc; NaN
+    elsewhere). How much of the machine the clients take from the server they measure (same cores)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def run_level(server: Server, model: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
     import openai
 
@@ -148,19 +161,21 @@ def run_level(server: Server, model: str, prompts: list[str], clients: int, max_
             except Exception as e:  # noqa: BLE001 - reported with the level
                 errors.append(f"question {i}: {type(e).__name__}: {e}")
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), (cpu_seconds(), cpu_seconds(server.proc.pid))
     threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    client_cpu, server_cpu = cpu_seconds() - cpu[0], cpu_seconds(server.proc.pid) - cpu[1]
     done = [r for r in results if r is not None]
     tokens = sum(r["tokens"] for r in done)
     ttfts = sorted(r["ttft"] for r in done)
     return {
         "max_batch": server.max_batch, "clients": clients, "wall": wall, "tokens": tokens,
         "aggregate_tps": tokens / wall, "errors": errors, "requests": done,
+        "client_cores": client_cpu / wall, "server_cores": server_cpu / wall,  # CPU seconds per second
         "request_tps_median": statistics.median(r["tokens"] / r["seconds"] for r in done),
         "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
     }
@@ -172,8 +187,8 @@ def table(levels: list[dict], baseline: int) -> str:
     texts = {r["question"]: r["text"] for r in by[baseline, first]["requests"]}
     alone = {b: by[b, 1]["request_tps_median"] for b, c in by if c == 1}
     lines = ["| max batch | clients | aggregate tok/s | x max-batch " + str(baseline) + " | request tok/s (median) "
-             "| x alone | TTFT p50 s | TTFT p95 s | same text as alone | errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x alone | TTFT p50 s | TTFT p95 s | same text as alone | errors | cores: server / clients |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (b, c), lv in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         base = by.get((baseline, c))
         ratio = f"{lv['aggregate_tps'] / base['aggregate_tps']:.2f}x" if base else "-"
@@ -181,8 +196,16 @@ def table(levels: list[dict], baseline: int) -> str:
         same = sum(texts.get(r["question"]) == r["text"] for r in lv["requests"])
         lines.append(f"| {b} | {c} | {lv['aggregate_tps']:.1f} | {ratio} | {lv['request_tps_median']:.1f} | {own} | "
                      f"{lv['ttft_p50']:.2f} | {lv['ttft_p95']:.2f} | {same}/{len(lv['requests'])} | "
-                     f"{len(lv['errors'])} |")
+                     f"{len(lv['errors'])} | {_cores(lv)} |")
     return "\n".join(lines)
+
+
+def _cores(level: dict) -> str:
+    """CPU seconds per wall second of the server process and of the clients (this process); "-" for a
+    load.json written before they were measured."""
+    if "server_cores" not in level:
+        return "-"
+    return f"{level['server_cores']:.2f} / {level['client_cores']:.2f}"
 
 
 def plot(levels: list[dict], path: Path, title: str) -> None:

@@ -42,3 +42,33 @@ def test_bad_flags_fail_before_any_server_starts(tmp_path, capsys):
         serve_load.parse_args(["--questions", str(q), "--out", str(tmp_path), "--clients", "0,2"])
     with pytest.raises(SystemExit):
         serve_load.parse_args(["--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+
+
+def test_the_report_says_how_many_cores_the_server_and_the_clients_used(tmp_path):
+    old, new = _level(1, 1, 20.0, ["a"]), {**_level(8, 1, 30.0, ["a"]), "server_cores": 1.91, "client_cores": 0.25}
+    (tmp_path / "load.json").write_text(json.dumps({"args": {
+        "model": "m", "dtype": "bf16", "threads": 2, "method": "tr-jacobi", "requests": 1, "max_tokens": 8,
+        "max_batch": [1, 8]}, "levels": [old, new]}))
+    assert serve_load.main(["--out", str(tmp_path), "--report-only"]) == 0
+    rows = {r.split("|")[1].strip(): r for r in (tmp_path / "load.md").read_text().splitlines() if r.startswith("| ")}
+    assert rows["8"].endswith("| 1.91 / 0.25 |")
+    assert rows["1"].endswith("| - |")  # a load.json from before the columns existed
+
+
+def test_cpu_seconds_counts_a_process_and_all_its_threads():
+    import os
+    import threading
+    import time
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    mine, by_pid = serve_load.cpu_seconds(), serve_load.cpu_seconds(os.getpid())
+    worker = threading.Thread(target=spin, args=(0.3,))
+    worker.start()
+    worker.join()
+    assert serve_load.cpu_seconds() - mine >= 0.25  # the other thread's CPU time counts
+    assert serve_load.cpu_seconds(os.getpid()) - by_pid >= 0.2  # /proc's ticks, 10 ms each
+    assert serve_load.cpu_seconds(2**31 - 1) != serve_load.cpu_seconds(2**31 - 1)  # NaN: no such process
