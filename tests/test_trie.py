@@ -56,48 +56,6 @@ def test_merge_uses_the_estimate_function():
     assert trie.path_probs() == [1.0, 0.125, 0.125**2]
 
 
-def test_a_candidate_beside_a_retrieval_chain_is_calibrated_in_a_bucket_of_its_own():
-    retrieval = draft_from_paths([(7, 8)], scores={(7,): 0.9, (7, 8): 0.6}, bucket="chain")
-    recycling = draft_from_paths([(5,), (7, 9), (7, 8, 2), (6, 4)], bucket="rank")
-    trie = trie_mod.merge(1, {"recycling": recycling, "retrieval": retrieval}, by_score)
-    seqs = node_sequences(trie.parents, trie.tokens)
-    bucket = {seq: trie.proposers[i] for i, seq in enumerate(seqs)}
-    # beside the chain's 7 (estimate 0.9: the top bin) and its 8 (0.6: bin 2)
-    assert bucket[(5,)] == [("recycling", ("rank", "rival", 3), (5,))]
-    assert bucket[(6,)] == [("recycling", ("rank", "rival", 3), (6,))]
-    assert bucket[(7, 9)] == [("recycling", ("rank", "rival", 2), (7, 9))]
-    # no retrieval sibling (below 6, below the chain's end), or drafted by retrieval too: the plain bucket
-    assert bucket[(6, 4)] == [("recycling", "rank", (6, 4))]
-    assert bucket[(7, 8, 2)] == [("recycling", "rank", (7, 8, 2))]
-    assert bucket[(7,)] == [("recycling", "rank", (7,)), ("retrieval", "chain", (7,))]
-    assert trie.edge[seqs.index((7,))] == 0.9
-    trie_mod.RIVAL, before = None, trie_mod.RIVAL
-    try:
-        plain = trie_mod.merge(1, {"recycling": recycling, "retrieval": retrieval}, by_score)
-    finally:
-        trie_mod.RIVAL = before
-    assert {b for proposers in plain.proposers for _, b, _ in proposers} == {"rank", "chain"}
-
-
-def test_the_rival_bucket_learns_that_a_candidate_beside_a_right_chain_is_rarely_accepted():
-    from msn.decoding.calibrate import Calibrator
-
-    cal = Calibrator()
-    retrieval = draft_from_paths([(7,)], scores={(7,): 0.9}, bucket="chain")
-    for _ in range(50):  # the chain is right every time; recycling's 5 beside it never is
-        trie = trie_mod.merge(1, {"retrieval": retrieval, "recycling": draft_from_paths([(5,)], bucket="rank")},
-                              cal.estimate)
-        for (name, b, _), hit in trie_mod.calibration_trials(trie, [7]):
-            cal.record(name, b, hit)
-        alone = trie_mod.merge(1, {"recycling": draft_from_paths([(5,)], bucket="rank")}, cal.estimate)
-        for (name, b, _), hit in trie_mod.calibration_trials(alone, [5]):  # alone, its 5 is right
-            cal.record(name, b, hit)
-    beside = trie_mod.merge(1, {"retrieval": retrieval, "recycling": draft_from_paths([(5,)], bucket="rank")},
-                            cal.estimate)
-    alone = trie_mod.merge(1, {"recycling": draft_from_paths([(5,)], bucket="rank")}, cal.estimate)
-    assert beside.edge[2] < 0.05 and alone.edge[1] > 0.95
-
-
 @settings(max_examples=200, deadline=None)
 @given(random_drafts())
 def test_merge_is_the_union_of_the_drafts(drafts):

@@ -63,19 +63,9 @@ class Trie:
         return q
 
 
-RIVAL = "retrieval"  # A/B switch (None: every estimate ignores its siblings, as before session 23)
-RIVAL_BINS = 4
-
-
 def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, float], float]) -> Trie:
-    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate.
-
-    Siblings are exclusive (at most one child equals the model's choice), so another source's candidate beside
-    a confident retrieval chain is accepted far less often than its bucket's average (copying: the chain is
-    usually right). Such a candidate is calibrated in a bucket of its own, (bucket, "rival", the chain's
-    estimate binned), so the tree stops buying recycling and Jacobi nodes where retrieval already has the answer."""
+    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate."""
     trie = Trie([root])
-    raw: list[list[tuple[str, Any, float, Any]]] = [[]]
     for name, draft in drafts.items():
         at = [0] * len(draft)
         for i, (parent, token, score, bucket, tag) in enumerate(
@@ -83,19 +73,8 @@ def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, 
         ):
             node = trie.child(at[parent] if parent >= 0 else 0, token)
             at[i] = node
-            if node == len(raw):
-                raw.append([])
-            raw[node].append((name, bucket, score, tag))
-    rival = RIVAL if RIVAL in drafts else None
-    for node in range(1, len(trie)):
-        if rival is not None and all(name != rival for name, *_ in raw[node]):
-            best = max((estimate(n, b, sc) for c in trie.children[trie.parents[node]].values()
-                        for n, b, sc, _ in raw[c] if n == rival), default=None)
-            if best is not None:
-                raw[node] = [(n, (b, "rival", min(int(best * RIVAL_BINS), RIVAL_BINS - 1)), sc, t)
-                             for n, b, sc, t in raw[node]]
-        trie.edge[node] = max(estimate(n, b, sc) for n, b, sc, _ in raw[node])
-        trie.proposers[node] = [Proposer(n, b, t) for n, b, sc, t in raw[node]]
+            trie.edge[node] = max(trie.edge[node], estimate(name, bucket, score))
+            trie.proposers[node].append(Proposer(name, bucket, tag))
     return trie
 
 
