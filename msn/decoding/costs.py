@@ -159,7 +159,6 @@ class Latency:
         # curve every one-token step looked 7-17% slow until the curve was called stale.
         self.raw = [float(seconds[n]) for n in self.sizes]
         self.seconds = monotone(self.raw)  # what the tree is sized with: a noisy dip would draw every tree to it
-        self.measured = list(self.seconds)  # the refinement moves ``seconds``; this is the curve as it was measured
         slopes = slopes or {0: 0.0}  # none measured: no past term
         self.slope_sizes = sorted(slopes)
         self.slopes = [max(float(slopes[n]), 0.0) for n in self.slope_sizes]  # seconds per past token
@@ -249,6 +248,11 @@ class Latency:
         """Forward times have stayed DRIFT_LIMIT off the measured curve: it was measured under other
         conditions, and its shape, which sizes the tree, is suspect."""
         return self.steps >= DRIFT_MIN_STEPS and not 1.0 / DRIFT_LIMIT <= self.drift <= DRIFT_LIMIT
+
+    @property
+    def measured(self) -> list[float]:
+        """The pooled curve as it was measured (the refinement moves ``seconds``): what a cached file holds."""
+        return monotone(self.raw)
 
     def to_dict(self) -> dict:
         return {"version": VERSION, "sizes": self.sizes, "seconds": self.seconds, "raw": self.raw,
