@@ -32,7 +32,7 @@ from msn.bench import runner
 from msn.bench.questions import load_questions, qid_key, select
 from msn.bench.session import answered, check_answer_files
 from msn.bench.stats import append_answers, paired, per_question, tokens_per_s, tokens_per_step, write_report
-from msn.decoding import attention, cache, costs, trie, verify
+from msn.decoding import attention, cache, costs, verify
 from msn.decoding.engine import DecoderState
 from msn.errors import InputError
 from msn.models import load_model
@@ -40,7 +40,7 @@ from msn.outputs import check_output_dir
 from msn.prompting import eos_ids
 
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
-MODULES = {"attention": attention, "cache": cache, "costs": costs, "trie": trie, "verify": verify}  # process-wide switches a variant may set: module name -> module
+MODULES = {"attention": attention, "cache": cache, "costs": costs, "verify": verify}  # process-wide switches a variant may set: module name -> module
 
 
 @dataclass

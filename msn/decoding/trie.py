@@ -63,15 +63,9 @@ class Trie:
         return q
 
 
-RIVAL_CAP = False  # A/B switch: True caps a retrieval chain node's siblings at 1 - the chain node's estimate
-
-
 def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, float], float]) -> Trie:
-    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate.
-    With ``RIVAL_CAP``, a candidate beside a retrieval chain node gets at most 1 - that node's estimate
-    (siblings are exclusive events)."""
+    """Merge every source's fragment into one trie; a node proposed twice keeps its best edge estimate."""
     trie = Trie([root])
-    chain: set[int] = set()
     for name, draft in drafts.items():
         at = [0] * len(draft)
         for i, (parent, token, score, bucket, tag) in enumerate(
@@ -81,13 +75,6 @@ def merge(root: int, drafts: Mapping[str, Draft], estimate: Callable[[str, Any, 
             at[i] = node
             trie.edge[node] = max(trie.edge[node], estimate(name, bucket, score))
             trie.proposers[node].append(Proposer(name, bucket, tag))
-            if name == "retrieval":
-                chain.add(node)
-    if RIVAL_CAP and chain:
-        for node in range(1, len(trie)):
-            if node not in chain:
-                best = max((trie.edge[c] for c in trie.children[trie.parents[node]].values() if c in chain), default=0.0)
-                trie.edge[node] = min(trie.edge[node], 1.0 - best)
     return trie
 
 
