@@ -15,9 +15,6 @@ from msn.decoding.sources.base import Budget, Draft, DraftSource, VerifiedStep
 
 DEPTH = 16
 PRIOR = {1: 0.2, 2: 0.4, 3: 0.6}  # edge acceptance before any evidence, by match length
-# ... and once the last chain was copied for >= 8 tokens: a copy in progress. With 0.6 a fresh state's deep
-# estimates start at 0.6^8 = 0.017 and the tree verifies copies 8 nodes at a time until evidence arrives.
-COPY_PRIOR = 0.9
 
 
 def streak_bucket(accepted: int) -> int:
@@ -64,10 +61,8 @@ class RetrievalIndex:
 class RetrievalSource(DraftSource):
     name = "retrieval"
 
-    def __init__(self, depth: int = DEPTH, branches: int = 2, max_ngram: int = 3,
-                 copy_prior: float | None = COPY_PRIOR):
+    def __init__(self, depth: int = DEPTH, branches: int = 2, max_ngram: int = 3):
         self.depth, self.branches, self.max_ngram = depth, branches, max_ngram
-        self.copy_prior = copy_prior  # None: the match length's prior in every streak bucket
         self.index = RetrievalIndex(max_ngram)
         self.last_chain = 0  # tokens the chain(s) drafted in the last proposal (before the budget cut)
         self.chains: list[list[int]] = []  # the last proposal's chains
@@ -87,8 +82,8 @@ class RetrievalSource(DraftSource):
         if not n:
             return draft
         starts = [first] if static or self.branches == 1 or last == first else [first, last]
+        score = PRIOR.get(n, 0.6)
         streak = streak_bucket(self.streak)
-        score = self.copy_prior if streak == 3 and self.copy_prior is not None else PRIOR.get(n, 0.6)
         for start in starts:
             found = self.index.ids[start : start + depth]
             chain = found[: max(budget.max_depth, 0)]
