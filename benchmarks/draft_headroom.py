@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msn.decoding.sources.retrieval import common_prefix as accepted
 from msn.outputs import atomic_write_text
 
 DEFAULT_QUESTIONS = "../shared/data/spec_bench/question.jsonl"
@@ -45,16 +46,6 @@ class Text:
     prompt_len: int
     ids: list[int]
     top: list[list[int]]
-
-
-def accepted(chain: list[int], truth: list[int]) -> int:
-    """Leading tokens of ``chain`` equal to ``truth``'s."""
-    n = 0
-    for a, b in zip(chain, truth, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def tree_nodes(chains: list[list[int]]) -> int:

@@ -96,11 +96,12 @@ class RetrievalSource(DraftSource):
 
     def observe(self, step: VerifiedStep) -> None:
         new = step.new_tokens
-        self.streak = max((_common_prefix(c, new) for c in self.chains), default=0)
+        self.streak = max((common_prefix(c, new) for c in self.chains), default=0)
         self.index.extend(new)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Leading items of ``a`` equal to ``b``'s (how far a chain was right)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
