@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msn.decoding.sources.recycling import RecyclingSource
 from msn.decoding.sources.retrieval import common_prefix as accepted
 from msn.outputs import atomic_write_text
 
@@ -35,7 +36,6 @@ DEFAULT_QUESTIONS = "../shared/data/spec_bench/question.jsonl"
 DEFAULT_RULES = ("retrieval", "retrieval2", "retrieval-all", "retrieval-any", "recycling", "recycling-pair",
                  "retrieval2+recycling", "retrieval2+recycling-pair", "retrieval-any+recycling")
 BASE_RULES = {"retrieval", "retrieval2", "retrieval-all", "retrieval-any", "recycling", "recycling-pair"}
-PROMPT_ROWS = 64  # as msn's recycling source: the latest 64 distinct prompt ids teach the table
 
 
 @dataclass
@@ -123,23 +123,23 @@ def check_rules(spec: str) -> list[str]:
 
 def replay(texts: list[Text], rules: list[str], depth: int = 6) -> dict:
     """Per rule: mean accepted draft tokens and tree nodes per answer position, overall and per category."""
-    table = Replay(depth)
+    table, recycling = Replay(depth), RecyclingSource()  # the source picks the prompt rows its prefill records
     sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # accepted, nodes, positions
     for text in texts:
         ids, top, L = text.ids, text.top, text.prompt_len
         table.begin(ids[:L])
-        latest = {t: i for i, t in enumerate(ids[: L - 1])}  # the decoder's prefill records these rows
-        for i in sorted(latest.values())[-PROMPT_ROWS:]:
+        rows = recycling.prompt_rows(torch.tensor(ids[: L - 1], dtype=torch.long))
+        for i in rows.tolist() if rows is not None else []:
             table.record(i, ids, top[i])
         for i in range(L - 1, len(ids) - 1):
             truth = ids[i + 1 : i + 1 + depth]
             for rule in rules:
                 chains = table.chains(rule)
-                got = max((accepted(c, truth) for c in chains), default=0)
+                got, nodes = max((accepted(c, truth) for c in chains), default=0), tree_nodes(chains)
                 for key in ((rule, "overall"), (rule, text.category)):
                     s = sums[key]
                     s[0] += got
-                    s[1] += tree_nodes(chains)
+                    s[1] += nodes
                     s[2] += 1
             table.record(i, ids, top[i])
             if i + 1 < len(ids) - 1:
